@@ -1,0 +1,1 @@
+"""orthonode DICOM node service."""

@@ -1,0 +1,40 @@
+"""Shared fixtures: small phantom sets generated once per test session, and tool lookup."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from train.synth.generate import SynthOptions, generate
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; skip without it, but fail under CI=true (CI must have it)."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{name} is not installed, and CI=true requires it (.ci/run installs it)")
+    pytest.skip(f"{name} not installed (set CI=true to make this a failure)")
+
+
+def make_set(root: Path, name: str, **kwargs: object) -> Path:
+    """Generate a phantom set under ``root/name`` (256 px unless told) and return its folder."""
+    out = root / name
+    options = {"rows": 256, "cols": 256, **kwargs}
+    generate(SynthOptions(out=out, **options))  # type: ignore[arg-type]
+    return out
+
+
+@pytest.fixture(scope="session")
+def phantom_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One small default set per task: knee (12 patients), hip (8), spine (14)."""
+    root = tmp_path_factory.mktemp("phantoms")
+    return {
+        "knee": make_set(root, "knee", task="knee", patients=12, seed=3),
+        "hip": make_set(root, "hip", task="hip", patients=8, seed=3),
+        "spine": make_set(root, "spine", task="spine", patients=14, seed=3),
+    }

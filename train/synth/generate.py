@@ -1,0 +1,524 @@
+"""``python -m train synth``: write a phantom data set (DICOM files, masks and manifest.csv).
+
+Each patient is generated from its own random stream, seeded by (seed, task, patient index), so a
+set is reproducible byte for byte, whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from train import __version__
+from train.synth import hip, knee, spine
+from train.synth.dicomio import (
+    ImageHeader,
+    PatientHeader,
+    build_dataset,
+    derive_uid,
+    study_date,
+)
+from train.synth.xray import Acquisition, Canvas, expose
+
+__all__ = ["MANIFEST_COLUMNS", "TASKS", "SynthOptions", "generate", "get_args_parser", "main"]
+
+log = logging.getLogger(__name__)
+
+TASKS: dict[str, ModuleType] = {"knee": knee, "hip": hip, "spine": spine}
+_TASK_IDS = {"knee": 1, "hip": 2, "spine": 3}
+_KVP = {"knee": (60.0, 70.0), "hip": (75.0, 85.0), "spine": (80.0, 95.0)}
+
+#: Columns every manifest has, in order; task-specific design parameters follow as ``design_*``.
+MANIFEST_COLUMNS: tuple[str, ...] = (
+    "path",
+    "mask_path",
+    "patient_id",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+    "task",
+    "view",
+    "label",
+    "label_index",
+    "laterality",
+    "view_position",
+    "modality",
+    "photometric",
+    "transfer_syntax",
+    "bits_stored",
+    "rows",
+    "columns",
+    "imager_pixel_spacing_mm",
+    "magnification",
+    "rotation_deg",
+    "shift_x_px",
+    "shift_y_px",
+    "mirror",
+    "exposure",
+    "noise",
+    "contrast",
+    "blur_mm",
+    "heel",
+    "scatter",
+    "anatomy_scale",
+)
+
+_EXTERNAL = {  # an "other hospital" acquisition: noisier, flatter, other pixel size and encoding
+    "noise": 1.6,
+    "contrast": 0.8,
+    "spacing_scale": 1.15,
+    "photometric": "MONOCHROME1",
+    "rotation": 20.0,
+    "transfer_syntax": "jpeg2000",
+    "modality": "CR",
+}
+
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """Everything that determines a phantom set (stored as ``synth.json`` beside it)."""
+
+    task: str
+    patients: int
+    out: Path
+    seed: int = 0
+    rows: int = 1024
+    cols: int = 1024
+    modality: str = "DX"
+    transfer_syntax: str = "explicit"
+    photometric: str = "MONOCHROME2"
+    bits_stored: int | None = None  # None: 12, 14 or 16 per patient, as modalities vary
+    noise: float = 1.0
+    contrast: float = 1.0
+    exposure: tuple[float, float] = (0.6, 1.6)
+    spacing_scale: float = 1.0
+    rotation: float = 15.0
+    views: tuple[str, ...] | None = None  # None: the task's views
+    loose_fraction: float = 0.5
+    first_patient: int = 0
+    workers: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def task_views(self) -> tuple[str, ...]:
+        return self.views or TASKS[self.task].VIEWS
+
+
+@dataclass(frozen=True)
+class _Job:
+    options: SynthOptions
+    index: int
+    label: str
+
+
+def _labels(options: SynthOptions) -> list[str]:
+    """Balanced class labels for all patients, shuffled deterministically."""
+    classes = TASKS[options.task].CLASSES
+    total = options.first_patient + options.patients
+    rng = np.random.default_rng([options.seed, _TASK_IDS[options.task], 7919])
+    if options.task == "hip":
+        n_loose = round(options.loose_fraction * total)
+        labels = ["loose"] * n_loose + ["well-fixed"] * (total - n_loose)
+    else:
+        labels = [classes[i % len(classes)] for i in range(total)]
+    order = rng.permutation(total)
+    return [labels[i] for i in order][options.first_patient :]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, list | tuple):
+        return ";".join(_fmt(v) for v in value)
+    return str(value)
+
+
+def _patient_header(
+    options: SynthOptions, index: int, rng: np.random.Generator, sex: str
+) -> PatientHeader:
+    task = options.task
+    date, tod = study_date(rng)
+    year = int(date[:4]) - int(rng.integers(45, 85))
+    birth = f"{year}{int(rng.integers(1, 13)):02d}{int(rng.integers(1, 29)):02d}"
+    key = f"{task.upper()}-S{options.seed}-{index:05d}"
+    return PatientHeader(
+        patient_name=f"PHANTOM^{task.upper()}^{index:05d}",
+        patient_id=f"PH-{key}",
+        birth_date=birth,
+        sex=sex,
+        study_instance_uid=derive_uid("study", options.seed, task, index),
+        study_date=date,
+        study_time=tod,
+        accession_number=f"A{options.seed % 1000:03d}{_TASK_IDS[task]}{index:06d}",
+        study_id=f"{index % 100000}",
+    )
+
+
+def _orientation(task: str, view: str, side: str) -> tuple[bool, tuple[str, str]]:
+    """Mirror flag and PatientOrientation for a view (see the module docstrings' frames)."""
+    if view == "AP":
+        return (side == "L"), ("L", "F")
+    if task == "spine":
+        return True, ("P", "F")
+    # Laterals of a paired joint, unflipped: a right side's anterior lands on the image left.
+    return (side == "R"), (("P", "F") if side == "R" else ("A", "F"))
+
+
+def _render_patient(job: _Job) -> list[dict[str, str]]:
+    options = job.options
+    task, index = options.task, job.index
+    module = TASKS[task]
+    rng = np.random.default_rng([options.seed, _TASK_IDS[task], index])
+    sex = "F" if rng.random() < 0.5 else "M"
+    scale = float(np.clip(rng.normal(1.04 if sex == "M" else 0.95, 0.05), 0.82, 1.2))
+    header = _patient_header(options, index, rng, sex)
+    side = ("R" if rng.random() < 0.5 else "L") if task != "spine" else "U"
+    anatomy = module.sample_anatomy(rng, scale)
+    design = module.sample_design(rng, job.label, scale)
+    bits = options.bits_stored or int(rng.choice([12, 14, 16]))
+    photometric = options.photometric
+    if photometric == "mixed":
+        photometric = "MONOCHROME1" if rng.random() < 0.5 else "MONOCHROME2"
+    rows = []
+    out = options.out
+    for series_number, view in enumerate(options.task_views, start=1):
+        mirror, orientation = _orientation(task, view, side)
+        magnification = float(rng.uniform(1.05, 1.2))
+        pitch = module.FIELD_OF_VIEW_MM / max(options.rows, options.cols) * options.spacing_scale
+        spacing = pitch / magnification
+        rotation = float(rng.uniform(-options.rotation, options.rotation))
+        shift = (
+            float(rng.uniform(-0.07, 0.07)) * options.cols,
+            float(rng.uniform(-0.07, 0.07)) * options.rows,
+        )
+        canvas = Canvas(
+            options.rows,
+            options.cols,
+            spacing,
+            (options.cols / 2 + shift[0], options.rows / 2 + shift[1]),
+            rotation_deg=rotation,
+            mirror=mirror,
+        )
+        module.render(canvas, view, anatomy, design)
+        acquisition = Acquisition(
+            exposure=float(rng.uniform(*options.exposure)),
+            noise=options.noise,
+            blur_mm=float(rng.uniform(0.15, 0.4)),
+            heel=float(rng.uniform(0.05, 0.2)),
+            heel_angle_deg=float(rng.choice([90.0, 270.0]) + rng.uniform(-10, 10)),
+            scatter=float(rng.uniform(0.002, 0.008)),
+            contrast=options.contrast * float(rng.uniform(0.9, 1.1)),
+            collimation=tuple(float(v) for v in rng.uniform(0.0, 0.09, size=4)),  # type: ignore[arg-type]
+        )
+        marker = side if side != "U" else ("R" if rng.random() < 0.5 else "L")
+        top, _, left, right = acquisition.collimation
+        at_left = rng.random() < 0.5
+        column = (left + 0.03) if at_left else (1.0 - right - 0.08)
+        with canvas.detector_frame():
+            canvas.letter(
+                marker,
+                (column * options.cols * spacing, (top + 0.03) * options.rows * spacing),
+                14.0,
+            )
+        pixels = expose(canvas, acquisition, rng, bits)
+        view_position = "AP" if view == "AP" else str(rng.choice(["LL", "LAT"]))
+        series_uid = derive_uid("series", options.seed, task, index, view)
+        sop_uid = derive_uid("sop", options.seed, task, index, view)
+        image = ImageHeader(
+            task=task,
+            view=view,
+            view_position=view_position,
+            laterality=side,
+            patient_orientation=orientation,
+            series_instance_uid=series_uid,
+            sop_instance_uid=sop_uid,
+            series_number=series_number,
+            imager_pixel_spacing_mm=pitch,
+            magnification=magnification,
+            bits_stored=bits,
+            photometric=photometric,
+            modality=options.modality,
+            transfer_syntax=options.transfer_syntax,
+            kvp=float(rng.uniform(*_KVP[task])),
+            exposure_mas=8.0 * acquisition.exposure,
+        )
+        ds = build_dataset(header, image, pixels)
+        rel = Path("dicom") / header.patient_id / f"{series_number:02d}_{view}.dcm"
+        mask_rel = Path("masks") / f"{header.patient_id}_{view}.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(out / rel, enforce_file_format=True)
+        _write_png(out / mask_rel, canvas.mask)
+        row = {
+            "path": rel.as_posix(),
+            "mask_path": mask_rel.as_posix(),
+            "patient_id": header.patient_id,
+            "study_instance_uid": header.study_instance_uid,
+            "series_instance_uid": series_uid,
+            "sop_instance_uid": sop_uid,
+            "task": task,
+            "view": view,
+            "label": job.label,
+            "label_index": module.CLASSES.index(job.label),
+            "laterality": side,
+            "view_position": view_position,
+            "modality": options.modality,
+            "photometric": photometric,
+            "transfer_syntax": options.transfer_syntax,
+            "bits_stored": bits,
+            "rows": options.rows,
+            "columns": options.cols,
+            "imager_pixel_spacing_mm": pitch,
+            "magnification": magnification,
+            "rotation_deg": rotation,
+            "shift_x_px": shift[0],
+            "shift_y_px": shift[1],
+            "mirror": mirror,
+            "exposure": acquisition.exposure,
+            "noise": acquisition.noise,
+            "contrast": acquisition.contrast,
+            "blur_mm": acquisition.blur_mm,
+            "heel": acquisition.heel,
+            "scatter": acquisition.scatter,
+            "anatomy_scale": scale,
+        }
+        for key, value in sorted({**anatomy, **design}.items()):
+            row[f"design_{key}"] = value
+        rows.append({k: _fmt(v) for k, v in row.items()})
+    return rows
+
+
+def _write_png(path: Path, mask: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    Image.fromarray(mask, mode="L").save(buffer, format="PNG", compress_level=6)
+    path.write_bytes(buffer.getvalue())
+
+
+def _jobs(options: SynthOptions) -> list[_Job]:
+    labels = _labels(options)
+    return [_Job(options, options.first_patient + i, labels[i]) for i in range(options.patients)]
+
+
+def generate(options: SynthOptions, progress: bool = False) -> Path:
+    """Write the phantom set described by ``options``; returns the manifest's path."""
+    if options.task not in TASKS:
+        raise ValueError(f"unknown task {options.task!r}; choose one of {sorted(TASKS)}")
+    if options.patients < 1:
+        raise ValueError("--patients must be at least 1")
+    for name, value in (("rows", options.rows), ("cols", options.cols)):
+        if not 128 <= value <= 4096:
+            raise ValueError(f"{name}={value}: matrix sizes from 128 to 4096 are supported")
+    unknown = set(options.task_views) - set(TASKS[options.task].SUPPORTED_VIEWS)
+    if unknown:
+        raise ValueError(f"task {options.task} has no view {sorted(unknown)}")
+    options.out.mkdir(parents=True, exist_ok=True)
+    jobs = _jobs(options)
+    started = time.perf_counter()
+    results: Iterable[list[dict[str, str]]]
+    bar = tqdm(total=len(jobs), unit="patient", disable=not progress, file=sys.stderr)
+    rows: list[dict[str, str]] = []
+    if options.workers > 1:
+        with get_context("spawn").Pool(options.workers) as pool:
+            results = pool.imap(_render_patient, jobs, chunksize=4)
+            for result in results:
+                rows.extend(result)
+                bar.update(1)
+    else:
+        for job in jobs:
+            rows.extend(_render_patient(job))
+            bar.update(1)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    manifest = options.out / "manifest.csv"
+    design_columns = sorted({k for row in rows for k in row if k.startswith("design_")})
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(
+            handle, fieldnames=[*MANIFEST_COLUMNS, *design_columns], lineterminator="\n"
+        )
+        writer.writeheader()
+        writer.writerows(rows)
+    record = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+    record.pop("workers")
+    record["generator_version"] = __version__
+    (options.out / "synth.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    if progress:
+        _summary(rows, options, elapsed)
+    return manifest
+
+
+def _summary(rows: list[dict[str, str]], options: SynthOptions, elapsed: float) -> None:
+    counts = Counter((r["label"], r["view"]) for r in rows)
+    views = options.task_views
+    labels = sorted({r["label"] for r in rows})
+    width = max(len(label) for label in [*labels, "class"]) + 2
+    lines = [f"{'class':<{width}}" + "".join(f"{v:>8}" for v in views)]
+    for label in labels:
+        lines.append(f"{label:<{width}}" + "".join(f"{counts[(label, v)]:>8}" for v in views))
+    lines.append(
+        f"{'total':<{width}}"
+        + "".join(f"{sum(counts[(lab, v)] for lab in labels):>8}" for v in views)
+    )
+    rate = len(rows) / elapsed if elapsed > 0 else math.inf
+    lines.append(
+        f"{len(rows)} images of {options.rows}x{options.cols} in {elapsed:.1f} s "
+        f"({rate:.1f} images/s) -> {options.out}"
+    )
+    sys.stderr.write("\n".join(lines) + "\n")
+
+
+def _size(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) == 1:
+        return int(parts[0]), int(parts[0])
+    if len(parts) == 2:
+        return int(parts[0]), int(parts[1])
+    raise argparse.ArgumentTypeError(f"size {text!r}: use N or ROWSxCOLS, e.g. 1024 or 3000x2500")
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train synth",
+        add_help=add_help,
+        description="Write synthetic knee, hip or spine radiograph phantoms as DICOM, with "
+        "masks and a manifest.csv. Phantoms are not a substitute for clinical data.",
+    )
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--patients", type=int, required=True, help="number of patients")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--size",
+        type=_size,
+        default=(1024, 1024),
+        help="matrix: N or ROWSxCOLS (128..4096; default 1024)",
+    )
+    parser.add_argument(
+        "--acquisition",
+        choices=["default", "external"],
+        default="default",
+        help="'external' shifts every acquisition option below to another "
+        "hospital's technique unless given explicitly",
+    )
+    parser.add_argument(
+        "--modality",
+        choices=["DX", "CR"],
+        default=None,
+        help="DX (Digital X-Ray For Presentation, default) or CR",
+    )
+    parser.add_argument(
+        "--transfer-syntax",
+        choices=["explicit", "jpeg2000"],
+        default=None,
+        help="Explicit VR Little Endian (default) or JPEG 2000 lossless",
+    )
+    parser.add_argument(
+        "--photometric", choices=["MONOCHROME2", "MONOCHROME1", "mixed"], default=None
+    )
+    parser.add_argument(
+        "--bits-stored",
+        type=int,
+        choices=[12, 14, 15, 16],
+        default=None,
+        help="default: 12, 14 or 16 drawn per patient",
+    )
+    parser.add_argument("--noise", type=float, default=None, help="quantum-noise multiplier")
+    parser.add_argument("--contrast", type=float, default=None, help="tone-curve gain")
+    parser.add_argument(
+        "--exposure",
+        type=float,
+        nargs=2,
+        default=(0.6, 1.6),
+        metavar=("LOW", "HIGH"),
+        help="relative dose range",
+    )
+    parser.add_argument(
+        "--spacing-scale",
+        type=float,
+        default=None,
+        help="detector pixel pitch multiplier (field of view grows with it)",
+    )
+    parser.add_argument(
+        "--rotation",
+        type=float,
+        default=None,
+        help="in-plane rotation range, degrees (default ±15)",
+    )
+    parser.add_argument(
+        "--views",
+        default=None,
+        help="comma-separated views (hip: AP or AP,LAT; default the task's)",
+    )
+    parser.add_argument(
+        "--loose-fraction", type=float, default=0.5, help="hip: share of loose implants"
+    )
+    parser.add_argument(
+        "--first-patient", type=int, default=0, help="index of the first patient (to extend a set)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="processes (output is identical for any number)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> SynthOptions:
+    preset = _EXTERNAL if args.acquisition == "external" else {}
+
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(args, name)
+        return value if value is not None else preset.get(name, default)
+
+    options = SynthOptions(
+        task=args.task,
+        patients=args.patients,
+        out=args.out,
+        seed=args.seed,
+        rows=args.size[0],
+        cols=args.size[1],
+        modality=pick("modality", "DX"),
+        transfer_syntax=pick("transfer_syntax", "explicit"),
+        photometric=pick("photometric", "MONOCHROME2"),
+        bits_stored=args.bits_stored,
+        noise=pick("noise", 1.0),
+        contrast=pick("contrast", 1.0),
+        exposure=tuple(args.exposure),
+        spacing_scale=pick("spacing_scale", 1.0),
+        rotation=pick("rotation", 15.0),
+        views=tuple(v.strip().upper() for v in args.views.split(",")) if args.views else None,
+        loose_fraction=args.loose_fraction,
+        first_patient=args.first_patient,
+        workers=max(1, args.workers or os.cpu_count() or 1),
+    )
+    return replace(options, extra={"acquisition": args.acquisition})
+
+
+def main(args: argparse.Namespace) -> int:
+    options = options_from_args(args)
+    try:
+        generate(options, progress=not args.quiet)
+    except ValueError as error:
+        sys.stderr.write(f"synth: {error}\n")
+        return 2
+    return 0

@@ -1,0 +1,581 @@
+"""Knee phantoms after total knee arthroplasty: six schematic implant design families.
+
+Each class is a *parametric family* named after a class of the knee-implant study. The
+parameters are caricatures chosen so that the families differ in the kind of details that tell
+real designs apart (posterior-stabilised box or not, femoral pegs, anterior flange height,
+posterior condyle shape, tibial stem length, keel and fins, tray shape), with overlapping
+within-class variation. They are not the manufacturers' geometry.
+
+Anatomy frame: millimetres, origin at the centre of the joint line, y towards the feet. In the
+AP view +x is the medial side of a right knee; in the lateral view +x is anterior.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from train.synth.xray import Canvas
+
+__all__ = [
+    "CLASSES",
+    "FIELD_OF_VIEW_MM",
+    "SUPPORTED_VIEWS",
+    "VIEWS",
+    "render",
+    "sample_anatomy",
+    "sample_design",
+]
+
+CLASSES: tuple[str, ...] = (
+    "Exactech Optetrak Logic",
+    "Maxx Freedom Knee",
+    "Smith & Nephew Legion",
+    "Stryker NRG",
+    "Zimmer LPS",
+    "Zimmer Persona",
+)
+VIEWS: tuple[str, ...] = ("AP", "LAT")
+SUPPORTED_VIEWS = VIEWS
+#: Detector field of view (mm) for the default matrix; the patient plane is smaller by the
+#: magnification.
+FIELD_OF_VIEW_MM = 300.0
+
+FEMORAL_LABEL = 1
+TIBIAL_LABEL = 2
+
+# Per family: ranges (low, high) or fixed choices. Units: mm and degrees.
+_FAMILIES: dict[str, dict[str, Any]] = {
+    "Exactech Optetrak Logic": dict(
+        box=(17.0, 21.0),
+        box_width=(16.0, 19.0),
+        pegs=2,
+        peg_length=(9.0, 13.0),
+        peg_tilt=(-3.0, 3.0),
+        flange=(26.0, 31.0),
+        posterior="standard",
+        stem=(30.0, 38.0),
+        stem_radius=(5.5, 6.5),
+        keel="fins",
+        fin_angle=(55.0, 65.0),
+        fin_length=(18.0, 23.0),
+        tray="lipped",
+        tray_thickness=(4.0, 5.0),
+    ),
+    "Maxx Freedom Knee": dict(
+        box=None,
+        box_width=None,
+        pegs=2,
+        peg_length=(15.0, 19.0),
+        peg_tilt=(16.0, 24.0),
+        flange=(38.0, 44.0),
+        posterior="round",
+        stem=(20.0, 27.0),
+        stem_radius=(7.0, 8.0),
+        keel="cruciform",
+        fin_angle=None,
+        fin_length=None,
+        tray="flat",
+        tray_thickness=(4.0, 5.0),
+    ),
+    "Smith & Nephew Legion": dict(
+        box=(12.0, 15.0),
+        box_width=(22.0, 26.0),
+        pegs=2,
+        peg_length=(9.0, 13.0),
+        peg_tilt=(-3.0, 3.0),
+        flange=(38.0, 44.0),
+        posterior="standard",
+        stem=(48.0, 58.0),
+        stem_radius=(5.0, 6.0),
+        keel="none",
+        fin_angle=None,
+        fin_length=None,
+        tray="flat",
+        tray_thickness=(5.5, 6.5),
+    ),
+    "Stryker NRG": dict(
+        box=None,
+        box_width=None,
+        pegs=0,
+        peg_length=None,
+        peg_tilt=None,
+        flange=(26.0, 31.0),
+        posterior="thick",
+        stem=None,
+        stem_radius=None,
+        keel="pegs",
+        fin_angle=None,
+        fin_length=(10.0, 14.0),
+        tray="flat",
+        tray_thickness=(4.0, 5.0),
+    ),
+    "Zimmer LPS": dict(
+        box=(20.0, 24.0),
+        box_width=(14.0, 17.0),
+        pegs=2,
+        peg_length=(11.0, 15.0),
+        peg_tilt=(-3.0, 3.0),
+        flange=(32.0, 37.0),
+        posterior="standard",
+        stem=(50.0, 62.0),
+        stem_radius=(5.0, 6.0),
+        keel="fins",
+        fin_angle=(20.0, 30.0),
+        fin_length=(20.0, 26.0),
+        tray="flat",
+        tray_thickness=(4.0, 5.0),
+    ),
+    "Zimmer Persona": dict(
+        box=(14.0, 17.0),
+        box_width=(17.0, 20.0),
+        pegs=2,
+        peg_length=(10.0, 14.0),
+        peg_tilt=(8.0, 15.0),
+        flange=(32.0, 37.0),
+        posterior="standard",
+        stem=(28.0, 36.0),
+        stem_radius=(6.0, 7.0),
+        keel="plate",
+        fin_angle=None,
+        fin_length=(20.0, 26.0),
+        tray="asymmetric",
+        tray_thickness=(4.0, 5.0),
+    ),
+}
+
+
+def _draw(rng: np.random.Generator, spec: Any) -> Any:
+    if isinstance(spec, tuple):
+        return float(rng.uniform(spec[0], spec[1]))
+    return spec
+
+
+def sample_design(rng: np.random.Generator, label: str, scale: float) -> dict[str, Any]:
+    """Draw one implant of family ``label`` for a patient of body ``scale``."""
+    family = _FAMILIES[label]
+    design = {key: _draw(rng, spec) for key, spec in family.items()}
+    design["size"] = scale * float(rng.uniform(0.95, 1.05))  # implant size follows the bone
+    design["insert"] = float(rng.uniform(8.0, 16.0))
+    design["slope"] = float(rng.uniform(0.0, 7.0))
+    return design
+
+
+def sample_anatomy(rng: np.random.Generator, scale: float) -> dict[str, float]:
+    """Patient anatomy: bone sizes, soft-tissue girth, valgus, flexion of the lateral view."""
+    return {
+        "scale": scale,
+        "thigh": float(rng.uniform(65.0, 100.0)) * scale,
+        "calf": float(rng.uniform(48.0, 70.0)) * scale,
+        "valgus": float(rng.uniform(3.0, 8.0)),
+        "flexion": float(rng.uniform(0.0, 25.0)),
+        "fibula_offset": float(rng.uniform(-3.0, 3.0)),
+        "patella": float(rng.uniform(-4.0, 6.0)),
+    }
+
+
+def render(canvas: Canvas, view: str, anatomy: dict[str, float], design: dict[str, Any]) -> None:
+    """Draw soft tissue, bones and the implant for one view onto ``canvas``."""
+    if view == "AP":
+        _render_ap(canvas, anatomy, design)
+    else:
+        _render_lateral(canvas, anatomy, design)
+
+
+def _soft_tissue(canvas: Canvas, anatomy: dict[str, float]) -> None:
+    canvas.rod(
+        (0.0, -420.0),
+        (0.0, 0.0),
+        anatomy["thigh"],
+        0.5 * (anatomy["thigh"] + anatomy["calf"]),
+        material="soft",
+        caps=False,
+    )
+    canvas.rod(
+        (0.0, 0.0),
+        (0.0, 420.0),
+        0.5 * (anatomy["thigh"] + anatomy["calf"]),
+        anatomy["calf"],
+        material="soft",
+        caps=False,
+    )
+
+
+def _render_ap(canvas: Canvas, anatomy: dict[str, float], d: dict[str, Any]) -> None:
+    s = anatomy["scale"]
+    k = d["size"]
+    gap = d["insert"]
+    _soft_tissue(canvas, anatomy)
+    top = -gap / 2
+    bottom = gap / 2 + d["tray_thickness"]
+    # Femur: shaft in valgus, metaphysis, condyles (cut flat by the component).
+    lean = np.tan(np.radians(anatomy["valgus"]))
+    canvas.rod(
+        (-200.0 * lean, -200.0),
+        (-45.0 * lean, top - 45.0),
+        14.0 * s,
+        hollow=0.62,
+        material="cortical",
+    )
+    canvas.rod((-200.0 * lean, -200.0), (-45.0 * lean, top - 45.0), 9.0 * s, material="cancellous")
+    canvas.ellipsoid((0.0, top - 30.0 * s), 37.0 * s, 32.0 * s, 38.0 * s, material="cancellous")
+    canvas.ellipsoid(
+        (0.0, top - 30.0 * s), 38.0 * s, 33.0 * s, 40.0 * s, material="cortical", shell=0.08
+    )
+    # Patella, seen through the femur.
+    canvas.ellipsoid(
+        (0.0, top - 28.0 * s + anatomy["patella"]),
+        21.0 * s,
+        23.0 * s,
+        20.0 * s,
+        material="cortical",
+        shell=0.15,
+    )
+    # Tibia and fibula.
+    canvas.ellipsoid(
+        (0.0, bottom + 18.0 * s), 36.0 * k, 20.0 * s, 40.0 * s, material="cancellous", power=3.0
+    )
+    canvas.rod((0.0, bottom + 25.0 * s), (2.0, 220.0), 22.0 * s, 13.0 * s, material="cancellous")
+    canvas.rod(
+        (0.0, bottom + 30.0 * s), (2.0, 220.0), 24.0 * s, 14.0 * s, hollow=0.7, material="cortical"
+    )
+    fx = -31.0 * s + anatomy["fibula_offset"]
+    canvas.ellipsoid(
+        (fx, bottom + 32.0 * s), 9.0 * s, 11.0 * s, 18.0 * s, material="cortical", shell=0.3
+    )
+    canvas.rod(
+        (fx, bottom + 40.0 * s),
+        (fx + 6.0, 220.0),
+        7.0 * s,
+        6.0 * s,
+        hollow=0.5,
+        material="cortical",
+    )
+
+    # Femoral component, seen through flange, condyles and box.
+    width = 68.0 * k
+    notch = (d["box_width"] or 16.0) * k
+    runner = 0.5 * (width - notch)
+    for side in (-1.0, 1.0):
+        cx = side * (notch / 2 + runner / 2)
+        canvas.plate(
+            (cx, top - 12.0 * k),
+            runner,
+            24.0 * k,
+            22.0,
+            corner=9.0 * k,
+            material="cocr",
+            label=FEMORAL_LABEL,
+        )
+    canvas.plate(
+        (0.0, top - 26.0 * k),
+        0.86 * width,
+        0.55 * d["flange"] * k,
+        4.0,
+        corner=6.0,
+        material="cocr",
+        label=FEMORAL_LABEL,
+    )
+    if d["box"] is not None:
+        box_h = d["box"] * k
+        for side in (-1.0, 1.0):
+            canvas.plate(
+                (side * notch / 2, top - box_h / 2),
+                2.5,
+                box_h,
+                26.0,
+                material="cocr",
+                label=FEMORAL_LABEL,
+            )
+        canvas.plate(
+            (0.0, top - box_h), notch + 2.5, 2.5, 26.0, material="cocr", label=FEMORAL_LABEL
+        )
+    if d["pegs"]:
+        for side in (-1.0, 1.0):
+            base = (side * (notch / 2 + runner / 2), top - 22.0 * k)
+            canvas.rod(
+                base,
+                (base[0], base[1] - d["peg_length"]),
+                3.5,
+                3.0,
+                material="cocr",
+                label=FEMORAL_LABEL,
+            )
+
+    # Tibial component: tray, then keel / stem / pegs.
+    tray_w = 70.0 * k
+    tt = d["tray_thickness"]
+    tray_center = 0.0
+    if d["tray"] == "asymmetric":
+        tray_center = 4.0 * k  # the medial plateau is larger
+    canvas.plate(
+        (tray_center, gap / 2 + tt / 2),
+        tray_w,
+        tt,
+        42.0 * k,
+        corner=1.5,
+        material="titanium",
+        label=TIBIAL_LABEL,
+    )
+    if d["tray"] == "lipped":
+        for side in (-1.0, 1.0):
+            canvas.plate(
+                (side * (tray_w / 2 - 2.0), gap / 2 - 1.5),
+                3.0,
+                3.5,
+                30.0,
+                material="titanium",
+                label=TIBIAL_LABEL,
+            )
+    stem_top = (0.0, bottom)
+    if d["stem"] is not None:
+        tip = (0.0, bottom + d["stem"])
+        canvas.rod(
+            stem_top,
+            tip,
+            d["stem_radius"],
+            0.7 * d["stem_radius"],
+            material="titanium",
+            label=TIBIAL_LABEL,
+        )
+    keel = d["keel"]
+    if keel == "fins":
+        angle = np.radians(d["fin_angle"])
+        for side in (-1.0, 1.0):
+            outer = (side * d["fin_length"] * np.sin(angle), bottom + 3.0)
+            lower = (side * 3.0, bottom + d["fin_length"] * np.cos(angle) + 8.0)
+            canvas.polygon(
+                [(side * 3.0, bottom), outer, lower], 3.0, material="titanium", label=TIBIAL_LABEL
+            )
+    elif keel == "cruciform":
+        canvas.plate(
+            (0.0, bottom + 9.0),
+            34.0 * k,
+            18.0,
+            3.5,
+            corner=3.0,
+            material="titanium",
+            label=TIBIAL_LABEL,
+        )
+    elif keel == "plate":
+        w = d["fin_length"] * k
+        canvas.polygon(
+            [(-w / 2, bottom), (w / 2, bottom), (w / 4, bottom + 28.0), (-w / 4, bottom + 28.0)],
+            3.0,
+            material="titanium",
+            label=TIBIAL_LABEL,
+        )
+    elif keel == "pegs":
+        for side in (-1.0, 1.0):
+            base = (side * tray_w / 4, bottom)
+            canvas.rod(
+                base,
+                (base[0], bottom + d["fin_length"]),
+                3.5,
+                3.0,
+                material="titanium",
+                label=TIBIAL_LABEL,
+            )
+
+
+def _render_lateral(canvas: Canvas, anatomy: dict[str, float], d: dict[str, Any]) -> None:
+    s = anatomy["scale"]
+    k = d["size"]
+    gap = d["insert"]
+    top = -gap / 2
+    _soft_tissue(canvas, anatomy)
+    radius = (24.0 if d["posterior"] != "round" else 28.0) * k
+    depth_ap = 58.0 * k  # antero-posterior size of the femoral component
+    ant = 0.5 * depth_ap
+    center = (ant - radius - 6.0 * k, top - radius)
+
+    # Tibia (fixed), with the posterior slope of the tray.
+    with canvas.frame(rotate_deg=-d["slope"], about=(0.0, gap / 2)):
+        bottom = gap / 2 + d["tray_thickness"]
+        canvas.ellipsoid(
+            (0.0, bottom + 17.0 * s), 30.0 * s, 19.0 * s, 70.0 * s, material="cancellous", power=3.0
+        )
+        canvas.rod(
+            (0.0, bottom + 25.0 * s), (-4.0, 220.0), 20.0 * s, 12.0 * s, material="cancellous"
+        )
+        canvas.rod(
+            (0.0, bottom + 30.0 * s),
+            (-4.0, 220.0),
+            22.0 * s,
+            13.5 * s,
+            hollow=0.7,
+            material="cortical",
+        )
+        canvas.ellipsoid(
+            (22.0 * s, bottom + 38.0 * s),
+            8.0 * s,
+            12.0 * s,
+            30.0 * s,
+            material="cortical",
+            shell=0.3,
+        )
+        fx = -18.0 * s + anatomy["fibula_offset"]
+        canvas.ellipsoid(
+            (fx, bottom + 30.0 * s), 9.0 * s, 10.0 * s, 18.0 * s, material="cortical", shell=0.3
+        )
+        canvas.rod(
+            (fx, bottom + 38.0 * s),
+            (fx - 2.0, 220.0),
+            7.0 * s,
+            6.0 * s,
+            hollow=0.5,
+            material="cortical",
+        )
+        tray_len = 48.0 * k
+        tt = d["tray_thickness"]
+        canvas.plate(
+            (0.0, gap / 2 + tt / 2),
+            tray_len,
+            tt,
+            68.0 * k,
+            corner=1.5,
+            material="titanium",
+            label=TIBIAL_LABEL,
+        )
+        if d["tray"] == "lipped":
+            canvas.plate(
+                (-tray_len / 2 + 2.0, gap / 2 - 1.5),
+                3.0,
+                3.5,
+                50.0,
+                material="titanium",
+                label=TIBIAL_LABEL,
+            )
+        if d["stem"] is not None:
+            canvas.rod(
+                (0.0, bottom),
+                (0.0, bottom + d["stem"]),
+                d["stem_radius"],
+                0.7 * d["stem_radius"],
+                material="titanium",
+                label=TIBIAL_LABEL,
+            )
+        if d["keel"] == "cruciform":
+            canvas.plate(
+                (0.0, bottom + 9.0),
+                22.0 * k,
+                18.0,
+                3.5,
+                corner=3.0,
+                material="titanium",
+                label=TIBIAL_LABEL,
+            )
+        elif d["keel"] == "fins":
+            # Coronal fins seen edge-on: a slight thickening beside the stem.
+            canvas.plate(
+                (0.0, bottom + 8.0),
+                9.0,
+                16.0,
+                1.5 * d["fin_length"],
+                material="titanium",
+                label=TIBIAL_LABEL,
+            )
+        elif d["keel"] == "pegs":
+            for side in (-1.0, 1.0):
+                canvas.rod(
+                    (side * tray_len / 4, bottom),
+                    (side * tray_len / 4, bottom + d["fin_length"]),
+                    3.5,
+                    3.0,
+                    material="titanium",
+                    label=TIBIAL_LABEL,
+                )
+
+    # Femur and femoral component, flexed about the condylar centre.
+    with canvas.frame(rotate_deg=anatomy["flexion"], about=center):
+        canvas.rod((6.0, -220.0), (0.0, top - 40.0), 15.0 * s, hollow=0.62, material="cortical")
+        canvas.rod((6.0, -220.0), (0.0, top - 40.0), 9.5 * s, material="cancellous")
+        canvas.ellipsoid(
+            (center[0] + 4.0, center[1] - 6.0), 32.0 * s, 30.0 * s, 70.0 * s, material="cancellous"
+        )
+        canvas.ellipsoid(
+            (center[0] + 4.0, center[1] - 6.0),
+            33.0 * s,
+            31.0 * s,
+            72.0 * s,
+            material="cortical",
+            shell=0.07,
+        )
+        wall = 7.0 if d["posterior"] != "thick" else 10.0
+        # Distal and posterior runner: an arc from anterior-inferior round to posterior-superior.
+        canvas.arc(
+            center,
+            radius - wall,
+            radius,
+            20.0,
+            235.0,
+            18.0 * k,
+            material="cocr",
+            label=FEMORAL_LABEL,
+        )
+        # Anterior chamfer and flange rising in front of the femur.
+        flange_h = d["flange"] * k
+        fx0, fy0 = ant - 2.0, top - 8.0
+        canvas.polygon(
+            [
+                (fx0 - 6.0, fy0 + 2.0),
+                (fx0, fy0),
+                (fx0 - 6.0, fy0 - flange_h),
+                (fx0 - 11.0, fy0 - flange_h + 3.0),
+                (fx0 - 11.0, fy0 - 4.0),
+            ],
+            60.0 * k,
+            material="cocr",
+            label=FEMORAL_LABEL,
+        )
+        canvas.polygon(
+            [
+                (center[0], top - wall),
+                (fx0 - 6.0, fy0 + 2.0),
+                (fx0 - 11.0, fy0 - 4.0),
+                (center[0], top - wall - 2.0),
+            ],
+            55.0 * k,
+            material="cocr",
+            label=FEMORAL_LABEL,
+        )
+        if d["posterior"] == "round":
+            canvas.arc(
+                center,
+                radius - wall,
+                radius,
+                235.0,
+                265.0,
+                18.0 * k,
+                material="cocr",
+                label=FEMORAL_LABEL,
+            )
+        if d["box"] is not None:
+            box_h = d["box"] * k
+            canvas.plate(
+                (center[0] + 2.0, top - box_h / 2),
+                34.0 * k,
+                box_h,
+                5.0,
+                corner=2.0,
+                material="cocr",
+                label=FEMORAL_LABEL,
+            )
+        if d["pegs"]:
+            base = (center[0] + 8.0 * k, top - wall - 1.0)
+            tilt = np.radians(d["peg_tilt"])
+            tip = (
+                base[0] + d["peg_length"] * np.sin(tilt),
+                base[1] - d["peg_length"] * np.cos(tilt),
+            )
+            canvas.rod(base, tip, 3.5, 3.0, material="cocr", label=FEMORAL_LABEL)
+        # Patella in front of the flange.
+        canvas.ellipsoid(
+            (ant + 10.0, top - 30.0 * s + anatomy["patella"]),
+            9.0 * s,
+            21.0 * s,
+            40.0 * s,
+            material="cortical",
+            shell=0.2,
+        )
