@@ -13,7 +13,10 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-__all__ = ["display_image", "resize_pad"]
+__all__ = ["display_image", "heatmap_to_source", "resize_pad", "to_model_input"]
+
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def display_image(ds: Dataset, pixels: np.ndarray | None = None) -> np.ndarray:
@@ -52,3 +55,36 @@ def resize_pad(image: np.ndarray, size: int) -> np.ndarray:
     top, left = (size - new_rows) // 2, (size - new_cols) // 2
     out[top : top + new_rows, left : left + new_cols] = resized
     return out.numpy()
+
+
+def to_model_input(
+    display: np.ndarray, size: int, channels: int = 3, normalisation: str = "imagenet"
+) -> torch.Tensor:
+    """A (channels, size, size) float tensor for the network, from a displayed image.
+
+    ``normalisation`` is "imagenet" (channel mean/std of ImageNet, for backbones trained from
+    ImageNet weights) or "unit" (the [0, 1] image centred at 0.5 and scaled by 4).
+    """
+    square = torch.from_numpy(resize_pad(display, size))
+    tensor = square[None].expand(channels, size, size).clone()
+    if normalisation == "imagenet":
+        mean = torch.tensor(_IMAGENET_MEAN[:channels] if channels == 3 else (0.449,) * channels)
+        std = torch.tensor(_IMAGENET_STD[:channels] if channels == 3 else (0.226,) * channels)
+        tensor = (tensor - mean[:, None, None]) / std[:, None, None]
+    elif normalisation == "unit":
+        tensor = (tensor - 0.5) * 4.0
+    else:
+        raise ValueError(f"unknown normalisation {normalisation!r}: use imagenet or unit")
+    return tensor
+
+
+def heatmap_to_source(heatmap: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Undo :func:`resize_pad`: crop the padding of a (size, size) map, resize to the source."""
+    size = heatmap.shape[0]
+    scale = size / max(rows, cols)
+    inner_rows, inner_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
+    top, left = (size - inner_rows) // 2, (size - inner_cols) // 2
+    cropped = np.ascontiguousarray(heatmap[top : top + inner_rows, left : left + inner_cols])
+    tensor = torch.from_numpy(cropped.astype(np.float32))[None, None]
+    resized = F.interpolate(tensor, size=(rows, cols), mode="bilinear", align_corners=False)
+    return resized[0, 0].numpy()

@@ -33,7 +33,7 @@ __all__ = [
 CLASSES: tuple[str, ...] = ("well-fixed", "loose")
 VIEWS: tuple[str, ...] = ("AP",)
 SUPPORTED_VIEWS: tuple[str, ...] = ("AP", "LAT")
-FIELD_OF_VIEW_MM = 300.0
+FIELD_OF_VIEW_MM = 260.0
 STEM_DESIGNS: tuple[str, ...] = ("taper-wedge", "fit-and-fill", "anatomic", "short")
 _ZONES_STEM = (1, 2, 3, 4, 5, 6, 7)
 _ZONES_CUP = (8, 9, 10)
@@ -140,6 +140,12 @@ def _band(
 
 def render(canvas: Canvas, view: str, anatomy: dict[str, float], design: dict[str, Any]) -> None:
     """Draw pelvis, femur, the THR and the fixation state for one view onto ``canvas``."""
+    # Centre the field on the proximal femur and stem, as a THR follow-up film is framed.
+    with canvas.frame(translate=(25.0, -70.0)):
+        _render(canvas, view, anatomy, design)
+
+
+def _render(canvas: Canvas, view: str, anatomy: dict[str, float], design: dict[str, Any]) -> None:
     s = anatomy["scale"]
     d = design
     canvas.rod((40.0, -400.0), (40.0, 400.0), anatomy["girth"], material="soft", caps=False)
@@ -231,7 +237,7 @@ def _interface(
             t_end = t0 + (t1 - t0) * d["lucency_extent"]
             width = d["lucency_mm"]
             canvas.polygon(
-                _band(edge, outward, width, t0, t_end), 22.0, material="cancellous", weight=-1.0
+                _band(edge, outward, width, t0, t_end), 18.0, material="cortical", weight=-1.0
             )
             if width >= 2.0:
                 shifted = edge + np.array([outward * width, 0.0])
@@ -240,13 +246,13 @@ def _interface(
     canvas.arc(tip, 2.0, 2.0 + band, 20.0, 160.0, 1.0, material="none", label=4)
     if 4 in lucent:
         width = d["lucency_mm"]
-        canvas.arc(tip, 1.0, 1.0 + width, 20.0, 160.0, 22.0, material="cancellous", weight=-1.0)
+        canvas.arc(tip, 1.0, 1.0 + width, 20.0, 160.0, 18.0, material="cortical", weight=-1.0)
         if width >= 2.0:
             canvas.arc(tip, 1.0 + width, 1.8 + width, 20.0, 160.0, 14.0, material="cortical")
     for k in range(d["osteolysis"]):
         i = 6 + 8 * k
         x, y = float(lateral[i, 0]) - 4.0, float(lateral[i, 1])
-        canvas.ellipsoid((x, y), 5.0, 7.0, 14.0, material="cancellous", weight=-1.0)
+        canvas.ellipsoid((x, y), 5.0, 7.0, 14.0, material="cortical", weight=-1.0)
 
 
 def _cup_zones(canvas: Canvas, d: dict[str, Any], open_deg: float) -> None:
@@ -261,7 +267,7 @@ def _cup_zones(canvas: Canvas, d: dict[str, Any], open_deg: float) -> None:
             width = d["lucency_mm"]
             span = (a1 - a0) * d["lucency_extent"]
             canvas.arc(
-                (0.0, 0.0), r, r + width, a0, a0 + span, 20.0, material="cancellous", weight=-1.0
+                (0.0, 0.0), r, r + width, a0, a0 + span, 18.0, material="cortical", weight=-1.0
             )
             if width >= 2.0:
                 canvas.arc(

@@ -1,0 +1,144 @@
+"""Plain frozen dataclasses passed between the stages of the node (no behaviour, no I/O).
+
+ingress → spool → assemble → route → preprocess → infer → explain → encode → egress: each arrow
+hands over one of these (or a file path), so each stage can be tested alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = [
+    "ClassInfo",
+    "Explanation",
+    "InstanceRef",
+    "ModelInfo",
+    "Outputs",
+    "Prediction",
+    "RoutedView",
+    "StudyJob",
+    "ViewPrediction",
+]
+
+
+@dataclass(frozen=True)
+class InstanceRef:
+    """One received, durably stored instance."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    path: Path
+
+
+@dataclass(frozen=True)
+class RoutedView:
+    """An instance the routing rules matched to a task and a view."""
+
+    instance: InstanceRef
+    task: str  # "knee", "hip", "spine"
+    view: str  # "AP" or "LAT"
+    laterality: str | None = None  # "R", "L", or None when unpaired/unknown
+
+
+@dataclass(frozen=True)
+class StudyJob:
+    """A study ready for one task: its routed views (at most one per view, the latest)."""
+
+    study_instance_uid: str
+    task: str
+    views: tuple[RoutedView, ...]
+    version: int = 1  # grows when a study receives more instances after it was processed
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One output class of a model, with the code that represents it in the SR."""
+
+    index: int
+    name: str  # display name, e.g. "Zimmer Persona"
+    code_value: str  # ≤ 16 characters
+    coding_scheme: str  # "SCT" or a private "99..." scheme
+    code_meaning: str  # ≤ 64 characters, readable
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The algorithm, as the SR and the Secondary Capture name it."""
+
+    name: str  # e.g. "orthonode knee implant classifier"
+    version: str  # the bundle's version
+    device_uid: str  # stable for one model version, changes when retrained
+    manufacturer: str = "orthonode"
+    demo: bool = True  # demo weights: not for clinical use, said in every output
+
+
+@dataclass(frozen=True)
+class ViewPrediction:
+    """The model's output for one analysed image."""
+
+    view: RoutedView
+    probabilities: tuple[float, ...]  # calibrated, one per class, summing to 1
+
+    @property
+    def predicted_index(self) -> int:
+        return int(np.argmax(self.probabilities))
+
+    @property
+    def certainty(self) -> float:
+        return float(max(self.probabilities))
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Per-view predictions of one study and task, and the fused study-level result."""
+
+    study_instance_uid: str
+    task: str
+    classes: tuple[ClassInfo, ...]
+    views: tuple[ViewPrediction, ...]
+    fused_probabilities: tuple[float, ...] | None  # None when only one view was analysed
+    threshold: float  # below this top probability the result is "undetermined"
+    model: ModelInfo
+
+    @property
+    def probabilities(self) -> tuple[float, ...]:
+        """The study-level result: fused when available, else the single view's."""
+        if self.fused_probabilities is not None:
+            return self.fused_probabilities
+        return self.views[0].probabilities
+
+    @property
+    def predicted_index(self) -> int:
+        return int(np.argmax(self.probabilities))
+
+    @property
+    def certainty(self) -> float:
+        return float(max(self.probabilities))
+
+    @property
+    def abstained(self) -> bool:
+        return self.certainty < self.threshold
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """A saliency heatmap for one analysed image, on the source image's pixel grid."""
+
+    view: RoutedView
+    heatmap: np.ndarray = field(repr=False)  # float32 (Rows, Columns) in [0, 1]
+    method: str = "Grad-CAM"  # or "Integrated gradients"
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """The DICOM objects made for one study and task, ready to send."""
+
+    study_instance_uid: str
+    task: str
+    structured_report: Path
+    secondary_captures: tuple[Path, ...]

@@ -1,0 +1,120 @@
+"""Inference: per-view probabilities (temperature-scaled), AP + lateral fusion, abstention.
+
+One :class:`Predictor` owns the models (on CUDA when available) and runs the views of one or
+more ready studies as a batch per task.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pydicom
+import torch
+from pydicom.dataset import Dataset
+
+from dicom_node.domain import Prediction, RoutedView, StudyJob, ViewPrediction
+from dicom_node.errors import InferenceError
+from dicom_node.models.bundle import Bundle, Stacker
+from dicom_node.preprocess import display_image, to_model_input
+
+__all__ = ["Predictor", "PreparedView", "fuse", "select_device"]
+
+log = logging.getLogger(__name__)
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class PreparedView:
+    """A view read, displayed and turned into the network's input."""
+
+    view: RoutedView
+    dataset: Dataset
+    display: np.ndarray  # (Rows, Columns) float32 in [0, 1]
+    tensor: torch.Tensor  # (C, S, S)
+
+
+def fuse(per_view: dict[str, np.ndarray], stacker: Stacker | None) -> np.ndarray | None:
+    """Study-level probabilities from the views' probabilities; None for a single view.
+
+    With a stacker whose views are all present: softmax(W · [log p_AP, log p_LAT] + b).
+    Otherwise the mean of the views' probabilities.
+    """
+    if len(per_view) < 2:
+        return None
+    if stacker is not None and all(v in per_view for v in stacker.views):
+        features = np.concatenate([np.log(np.clip(per_view[v], 1e-7, 1.0)) for v in stacker.views])
+        logits = np.asarray(stacker.coefficients) @ features + np.asarray(stacker.intercepts)
+        logits -= logits.max()
+        fused = np.exp(logits)
+        return fused / fused.sum()
+    return np.mean(list(per_view.values()), axis=0)
+
+
+class Predictor:
+    """Holds one bundle per task and predicts studies."""
+
+    def __init__(self, bundles: dict[str, Bundle], device: torch.device | None = None) -> None:
+        self.bundles = bundles
+        self.device = device or torch.device("cpu")
+        for bundle in bundles.values():
+            bundle.model.to(self.device).eval()
+
+    def prepare(self, view: RoutedView) -> PreparedView:
+        card = self.bundles[view.task].card
+        try:
+            ds = pydicom.dcmread(view.instance.path)
+            display = display_image(ds)
+        except Exception as error:
+            raise InferenceError(
+                f"cannot decode instance {view.instance.sop_instance_uid}: {error}"
+            ) from error
+        tensor = to_model_input(display, card.input_size, card.channels, card.normalisation)
+        return PreparedView(view=view, dataset=ds, display=display, tensor=tensor)
+
+    def predict(self, jobs: Sequence[StudyJob]) -> list[tuple[Prediction, list[PreparedView]]]:
+        """Predict several studies; views of the same task run as one batch."""
+        prepared = {
+            job.study_instance_uid + job.task: [self.prepare(v) for v in job.views] for job in jobs
+        }
+        probabilities: dict[int, np.ndarray] = {}
+        by_task: dict[str, list[PreparedView]] = {}
+        for views in prepared.values():
+            for view in views:
+                by_task.setdefault(view.view.task, []).append(view)
+        for task, views in by_task.items():
+            bundle = self.bundles[task]
+            batch = torch.stack([v.tensor for v in views]).to(self.device)
+            with torch.no_grad():
+                logits = bundle.model(batch).float() / bundle.card.temperature
+            for view, p in zip(views, torch.softmax(logits, dim=1).cpu().numpy(), strict=True):
+                probabilities[id(view)] = p.astype(np.float64)
+        results = []
+        for job in jobs:
+            views = prepared[job.study_instance_uid + job.task]
+            bundle = self.bundles[job.task]
+            per_view = [
+                ViewPrediction(
+                    view=v.view, probabilities=tuple(float(x) for x in probabilities[id(v)])
+                )
+                for v in views
+            ]
+            fused = fuse({v.view.view: probabilities[id(v)] for v in views}, bundle.card.stacker)
+            prediction = Prediction(
+                study_instance_uid=job.study_instance_uid,
+                task=job.task,
+                classes=bundle.classes,
+                views=tuple(per_view),
+                fused_probabilities=None if fused is None else tuple(float(x) for x in fused),
+                threshold=bundle.card.threshold,
+                model=bundle.model_info,
+            )
+            results.append((prediction, views))
+        return results

@@ -1,0 +1,162 @@
+"""Weight bundles: ``<bundle>/model.pt`` (a state dict) + ``<bundle>/card.json``.
+
+The card says everything the node needs to use the weights the way they were trained: task,
+classes and their codes, backbone, input size, preprocessing, decision threshold, temperature,
+the AP + lateral stacker, metrics, version, and the sha256 of model.pt — a bundle whose sha256
+does not match is refused. Schema: docs/bundles.md. ``train`` writes bundles with
+:func:`save_bundle`; the node reads them with :func:`load_bundle`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import nn
+
+from dicom_node.domain import ClassInfo, ModelInfo
+from dicom_node.errors import BundleError
+from dicom_node.models.backbones import build_backbone
+
+__all__ = ["Bundle", "Card", "CardClass", "Stacker", "load_bundle", "save_bundle", "sha256_file"]
+
+CARD_SCHEMA_VERSION = 1
+
+
+class CardClass(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    code_value: str = Field(max_length=16)
+    coding_scheme: str
+    code_meaning: str = Field(max_length=64)
+
+
+class Stacker(BaseModel):
+    """Multinomial logistic regression on the concatenated per-view log-probabilities."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: str = "logistic"
+    views: list[str] = Field(default_factory=lambda: ["AP", "LAT"])
+    coefficients: list[list[float]]  # classes × (views × classes)
+    intercepts: list[float]  # classes
+
+
+class Card(BaseModel):
+    """card.json."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    schema_version: int = CARD_SCHEMA_VERSION
+    task: str
+    name: str
+    version: str
+    demo: bool = True
+    device_uid: str
+    classes: list[CardClass]
+    backbone: str
+    input_size: int = Field(ge=32, le=2048)
+    channels: int = 3
+    normalisation: str = Field(default="imagenet", description="imagenet or unit")
+    views: list[str] = Field(default_factory=lambda: ["AP", "LAT"])
+    threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    temperature: float = Field(default=1.0, gt=0.0)
+    stacker: Stacker | None = None
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    model_sha256: str
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded, verified bundle: the card and the network in eval mode."""
+
+    path: Path
+    card: Card
+    model: nn.Module
+
+    @property
+    def classes(self) -> tuple[ClassInfo, ...]:
+        return tuple(
+            ClassInfo(
+                index=i,
+                name=c.name,
+                code_value=c.code_value,
+                coding_scheme=c.coding_scheme,
+                code_meaning=c.code_meaning,
+            )
+            for i, c in enumerate(self.card.classes)
+        )
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.card.name,
+            version=self.card.version,
+            device_uid=self.card.device_uid,
+            demo=self.card.demo,
+        )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_card(path: Path) -> Card:
+    card_path = path / "card.json"
+    if not card_path.is_file():
+        raise BundleError(f"{card_path} is missing")
+    try:
+        return Card.model_validate(json.loads(card_path.read_text()))
+    except (ValueError, ValidationError) as error:
+        raise BundleError(f"{card_path} is not a valid card: {error}") from None
+
+
+def load_bundle(path: Path, device: torch.device | str = "cpu") -> Bundle:
+    """Read, verify (sha256) and instantiate a bundle.
+
+    Raises
+    ------
+    BundleError
+        When a file is missing, the card is invalid, the sha256 differs, or the weights do not
+        fit the backbone.
+    """
+    card = load_card(path)
+    weights = path / "model.pt"
+    if not weights.is_file():
+        raise BundleError(f"{weights} is missing")
+    actual = sha256_file(weights)
+    if actual != card.model_sha256:
+        raise BundleError(
+            f"{weights} sha256 {actual[:12]}… does not match the card's "
+            f"{card.model_sha256[:12]}…; the bundle was altered or is incomplete"
+        )
+    model = build_backbone(card.backbone, len(card.classes))
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise BundleError(f"{weights} does not fit backbone {card.backbone}: {error}") from None
+    model.eval().to(device)
+    return Bundle(path=path, card=card, model=model)
+
+
+def save_bundle(path: Path, model: nn.Module, card_fields: dict[str, Any]) -> Card:
+    """Write model.pt and card.json (the sha256 is computed here)."""
+    path.mkdir(parents=True, exist_ok=True)
+    weights = path / "model.pt"
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, weights)
+    card = Card.model_validate({**card_fields, "model_sha256": sha256_file(weights)})
+    (path / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
+    return card

@@ -1,0 +1,123 @@
+"""C-STORE SCU and the outbound worker: durable queue, exponential backoff, dead letter.
+
+An output is only marked sent when the destination answered success (0x0000) or a warning
+(0xB000, 0xB007, 0xB006); anything else is retried after ``backoff_delay`` until
+``max_attempts``, then dead-lettered (``python -m dicom_node send --retry-dead`` re-queues).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pydicom
+from pynetdicom import AE, build_context
+
+from dicom_node.config import DestinationConfig, SendConfig
+from dicom_node.errors import SendError
+from dicom_node.store import OutboxItem, Spool
+
+__all__ = ["Sender", "backoff_delay", "send_files"]
+
+log = logging.getLogger(__name__)
+
+_SUCCESS = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+def backoff_delay(attempt: int, policy: SendConfig) -> float | None:
+    """Seconds before retry number ``attempt`` (1-based), or None when it is time to give up."""
+    if attempt >= policy.max_attempts:
+        return None
+    return float(min(policy.backoff_initial_s * 2 ** (attempt - 1), policy.backoff_max_s))
+
+
+def send_files(
+    destination: DestinationConfig,
+    paths: Sequence[Path],
+    calling_ae_title: str,
+    timeout_s: float = 30.0,
+) -> dict[Path, str | None]:
+    """Send files over one association; returns path → None (sent) or an error message."""
+    datasets = {path: pydicom.dcmread(path) for path in paths}
+    contexts = {
+        (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets.values()
+    }
+    ae = AE(ae_title=calling_ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    for sop_class, syntax in sorted(contexts):
+        ae.requested_contexts.append(build_context(sop_class, [syntax]))
+    results: dict[Path, str | None] = {}
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
+        return {path: f"association with {destination.ae_title} {reason}" for path in paths}
+    try:
+        for path, ds in datasets.items():
+            status = assoc.send_c_store(ds)
+            code = int(status.Status) if status and "Status" in status else None
+            if code in _SUCCESS:
+                results[path] = None
+            else:
+                results[path] = (
+                    f"C-STORE status 0x{code:04X}" if code is not None else "no C-STORE response"
+                )
+    finally:
+        assoc.release()
+    return results
+
+
+class Sender:
+    """Drains the spool's outbox: one association per destination per round."""
+
+    def __init__(
+        self,
+        spool: Spool,
+        destinations: Sequence[DestinationConfig],
+        policy: SendConfig,
+        calling_ae_title: str,
+        transport: Callable[..., dict[Path, str | None]] = send_files,
+    ) -> None:
+        self.spool = spool
+        self.destinations = {d.name or d.ae_title: d for d in destinations}
+        self.policy = policy
+        self.calling_ae_title = calling_ae_title
+        self.transport = transport
+
+    def step(self) -> int:
+        """Try every due item once; returns how many were attempted."""
+        due = self.spool.due()
+        by_destination: dict[str, list[OutboxItem]] = {}
+        for item in due:
+            by_destination.setdefault(item.destination, []).append(item)
+        for name, items in by_destination.items():
+            destination = self.destinations.get(name)
+            if destination is None:
+                for item in items:
+                    self.spool.mark_failed(item.id, f"destination {name!r} is not configured", None)
+                continue
+            try:
+                results = self.transport(
+                    destination, [i.path for i in items], self.calling_ae_title
+                )
+            except (OSError, ValueError, SendError, RuntimeError) as error:
+                results = {i.path: f"send failed: {error}" for i in items}
+            for item in items:
+                problem = results.get(item.path, "not attempted")
+                if problem is None:
+                    self.spool.mark_sent(item.id)
+                    log.info(
+                        "sent %s of study %s to %s", item.path.name, item.study_instance_uid, name
+                    )
+                    continue
+                delay = backoff_delay(item.attempts + 1, self.policy)
+                self.spool.mark_failed(item.id, problem, delay)
+                log.warning(
+                    "sending %s of study %s to %s failed (%s); %s",
+                    item.path.name,
+                    item.study_instance_uid,
+                    name,
+                    problem,
+                    "dead-lettered" if delay is None else f"retry in {delay:.0f} s",
+                )
+        return len(due)
