@@ -102,7 +102,7 @@ def sample_design(rng: np.random.Generator, label: str, scale: float) -> dict[st
 
 def _stem_edges(d: dict[str, Any], view: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Centre line and the lateral/medial edges of the stem, shoulder to tip (anatomy mm)."""
-    n = 24
+    n = 16
     t = np.linspace(0.0, 1.0, n)
     length = d["stem_length"]
     top = np.array([-30.0, 22.0 + d["subsidence_mm"]])

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image, ImageDraw
 from scipy import ndimage
 
 __all__ = ["MATERIALS", "Acquisition", "Canvas", "expose"]
@@ -54,6 +55,36 @@ class Acquisition:
     contrast: float = 1.0  # tone-curve gain (acquisition-shift option)
     detail: float = 1.0  # unsharp-mask gain of the system's detail enhancement
     collimation: tuple[float, float, float, float] = (0.03, 0.03, 0.03, 0.03)  # t, b, l, r
+
+
+class _Grid:
+    """Pixels of a bounding box; anatomy-frame coordinates are affine in (column, row), so any
+    linear combination of x and y costs one broadcast add instead of full-array arithmetic."""
+
+    def __init__(
+        self, box: tuple[slice, slice], cols: np.ndarray, rows: np.ndarray, inverse: np.ndarray
+    ) -> None:
+        self.box = box
+        self._cols = cols
+        self._rows = rows
+        self._inverse = inverse
+
+    def linear(self, a: float, b: float, k: float = 0.0) -> np.ndarray:
+        """``a * x + b * y + k`` over the box (x, y in the current frame's millimetres)."""
+        inv = self._inverse
+        along_cols = np.float32(a * inv[0, 0] + b * inv[1, 0])
+        along_rows = np.float32(a * inv[0, 1] + b * inv[1, 1])
+        return (along_cols * self._cols + np.float32(k))[None, :] + (along_rows * self._rows)[
+            :, None
+        ]
+
+    @property
+    def x(self) -> np.ndarray:
+        return self.linear(1.0, 0.0)
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.linear(0.0, 1.0)
 
 
 class Canvas:
@@ -137,10 +168,8 @@ class Canvas:
         p = self._matrix @ np.array([x, y]) + self._offset
         return float(p[0]), float(p[1])
 
-    def _grid(
-        self, xmin: float, xmax: float, ymin: float, ymax: float
-    ) -> tuple[tuple[slice, slice], np.ndarray, np.ndarray] | None:
-        """Pixel bounding box of an anatomy-frame box, and anatomy coordinates of its pixels."""
+    def _grid(self, xmin: float, xmax: float, ymin: float, ymax: float) -> _Grid | None:
+        """The pixel bounding box of an anatomy-frame box, with its coordinate maps."""
         corners = np.array([[xmin, ymin], [xmin, ymax], [xmax, ymin], [xmax, ymax]]).T
         pix = self._matrix @ corners + self._offset[:, None]
         c0 = max(math.floor(pix[0].min()) - 1, 0)
@@ -149,13 +178,9 @@ class Canvas:
         r1 = min(math.ceil(pix[1].max()) + 2, self.rows)
         if c0 >= c1 or r0 >= r1:
             return None
-        inv = np.linalg.inv(self._matrix)
-        cols = np.arange(c0, c1, dtype=np.float32) + 0.5 - np.float32(self._offset[0])
-        rows = np.arange(r0, r1, dtype=np.float32) + 0.5 - np.float32(self._offset[1])
-        inv32 = inv.astype(np.float32)
-        x = inv32[0, 0] * cols[None, :] + inv32[0, 1] * rows[:, None]
-        y = inv32[1, 0] * cols[None, :] + inv32[1, 1] * rows[:, None]
-        return (slice(r0, r1), slice(c0, c1)), x, y
+        cols = np.arange(c0, c1, dtype=np.float32) + np.float32(0.5 - self._offset[0])
+        rows = np.arange(r0, r1, dtype=np.float32) + np.float32(0.5 - self._offset[1])
+        return _Grid((slice(r0, r1), slice(c0, c1)), cols, rows, np.linalg.inv(self._matrix))
 
     @property
     def _pixel_mm(self) -> float:
@@ -209,15 +234,19 @@ class Canvas:
         grid = self._grid(xmin, xmax, ymin, ymax)
         if grid is None:
             return
-        box, x, y = grid
+        box = grid.box
         dx, dy = p1[0] - p0[0], p1[1] - p0[1]
         length2 = dx * dx + dy * dy or 1e-9
-        t = ((x - p0[0]) * dx + (y - p0[1]) * dy) / length2
+        length = math.sqrt(length2)
+        # Position along the axis (0 at p0, 1 at p1) and signed distance from it: both affine.
+        t = grid.linear(dx / length2, dy / length2, -(p0[0] * dx + p0[1] * dy) / length2)
+        across = grid.linear(-dy / length, dx / length, (p0[0] * dy - p0[1] * dx) / length)
         tc = np.clip(t, 0.0, 1.0)
-        px = x - (p0[0] + tc * dx)
-        py = y - (p0[1] + tc * dy)
-        d2 = px * px + py * py
-        r = r0 + (r1 - r0) * tc
+        d2 = across * across
+        if caps:
+            beyond = (t - tc) * np.float32(length)
+            d2 += beyond * beyond
+        r = np.float32(r0) + np.float32(r1 - r0) * tc
         if thread_pitch > 0:
             turns = tc * (math.sqrt(length2) / thread_pitch)
             r = r + thread_depth * (1.0 - 2.0 * np.abs(turns % 1.0 - 0.5))
@@ -227,7 +256,6 @@ class Canvas:
             thick -= 2.0 * np.sqrt(np.maximum(ri * ri - d2, 0.0))
         if not caps:
             edge = self._pixel_mm
-            length = math.sqrt(length2)
             inside = np.minimum(t * length, (1.0 - t) * length) / edge + 0.5
             thick *= np.clip(inside, 0.0, 1.0)
         self._deposit(box, thick, material, label, weight)
@@ -256,11 +284,11 @@ class Canvas:
         )
         if grid is None:
             return
-        box, x, y = grid
+        box = grid.box
         th = math.radians(angle_deg)
         c, s = math.cos(th), math.sin(th)
-        u = ((x - center[0]) * c + (y - center[1]) * s) / a
-        v = (-(x - center[0]) * s + (y - center[1]) * c) / b
+        u = grid.linear(c / a, s / a, -(center[0] * c + center[1] * s) / a)
+        v = grid.linear(-s / b, c / b, (center[0] * s - center[1] * c) / b)
         if power == 2.0:
             q = u * u + v * v
         else:
@@ -291,11 +319,11 @@ class Canvas:
         )
         if grid is None:
             return
-        box, x, y = grid
+        box = grid.box
         th = math.radians(angle_deg)
         c, s = math.cos(th), math.sin(th)
-        u = np.abs((x - center[0]) * c + (y - center[1]) * s) - (0.5 * width - corner)
-        v = np.abs(-(x - center[0]) * s + (y - center[1]) * c) - (0.5 * height - corner)
+        u = np.abs(grid.linear(c, s, -(center[0] * c + center[1] * s))) - (0.5 * width - corner)
+        v = np.abs(grid.linear(-s, c, center[0] * s - center[1] * c)) - (0.5 * height - corner)
         outside = np.hypot(np.maximum(u, 0.0), np.maximum(v, 0.0))
         sdf = outside + np.minimum(np.maximum(u, v), 0.0) - corner
         coverage = np.clip(0.5 - sdf / self._pixel_mm, 0.0, 1.0)
@@ -319,8 +347,8 @@ class Canvas:
         )
         if grid is None:
             return
-        box, x, y = grid
-        dx, dy = x - center[0], y - center[1]
+        box = grid.box
+        dx, dy = grid.linear(1.0, 0.0, -center[0]), grid.linear(0.0, 1.0, -center[1])
         r = np.sqrt(dx * dx + dy * dy)
         edge = self._pixel_mm
         radial = np.minimum(r - r_inner, r_outer - r) / edge + 0.5
@@ -347,8 +375,8 @@ class Canvas:
         )
         if grid is None:
             return
-        box, x, y = grid
-        dx, dy = x - center[0], y - center[1]
+        box = grid.box
+        dx, dy = grid.linear(1.0, 0.0, -center[0]), grid.linear(0.0, 1.0, -center[1])
         d2 = dx * dx + dy * dy
         outer = np.sqrt(np.maximum(r_outer * r_outer - d2, 0.0))
         inner = np.sqrt(np.maximum(r_inner * r_inner - d2, 0.0))
@@ -371,35 +399,35 @@ class Canvas:
         label: int = 0,
         weight: float = 1.0,
     ) -> None:
-        """A filled polygon of uniform thickness (antialiased by its signed distance)."""
-        pts = np.asarray(points, dtype=np.float32)
-        grid = self._grid(
-            float(pts[:, 0].min()),
-            float(pts[:, 0].max()),
-            float(pts[:, 1].min()),
-            float(pts[:, 1].max()),
-        )
-        if grid is None:
+        """A filled polygon of uniform thickness, antialiased by 4 × 4 supersampling."""
+        coverage = self._polygon_coverage(points, 1 if material == "none" else 4)
+        if coverage is None:
             return
-        box, x, y = grid
-        dist2 = np.full(x.shape, np.inf, dtype=np.float32)
-        inside = np.zeros(x.shape, dtype=bool)
-        n = len(pts)
-        for i in range(n):
-            ax, ay = pts[i]
-            bx, by = pts[(i + 1) % n]
-            ex, ey = bx - ax, by - ay
-            wx, wy = x - ax, y - ay
-            t = np.clip((wx * ex + wy * ey) / max(ex * ex + ey * ey, 1e-9), 0.0, 1.0)
-            qx, qy = wx - ex * t, wy - ey * t
-            np.minimum(dist2, qx * qx + qy * qy, out=dist2)
-            crosses = (ay <= y) != (by <= y)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                xcross = ax + (y - ay) * ex / (ey if ey != 0 else 1e-9)
-            inside ^= crosses & (x < xcross)
-        sdf = np.where(inside, -1.0, 1.0) * np.sqrt(dist2)
-        coverage = np.clip(0.5 - sdf / self._pixel_mm, 0.0, 1.0)
-        self._deposit(box, depth * coverage, material, label, weight)
+        box, fraction = coverage
+        if material == "none":
+            region = self.mask[box]
+            region[fraction > 0] = label
+            return
+        self._deposit(box, np.float32(depth) * fraction, material, label, weight)
+
+    def _polygon_coverage(
+        self, points: list[tuple[float, float]], supersample: int
+    ) -> tuple[tuple[slice, slice], np.ndarray] | None:
+        """Per-pixel area fraction covered by a polygon, rasterised by Pillow."""
+        pixels = self._matrix @ np.asarray(points, dtype=float).T + self._offset[:, None]
+        c0, r0 = (max(math.floor(v) - 1, 0) for v in pixels.min(axis=1))
+        c1 = min(math.ceil(pixels[0].max()) + 2, self.cols)
+        r1 = min(math.ceil(pixels[1].max()) + 2, self.rows)
+        if c0 >= c1 or r0 >= r1:
+            return None
+        k = supersample
+        layer = Image.new("L", ((c1 - c0) * k, (r1 - r0) * k), 0)
+        outline = [((c - c0) * k - 0.5, (r - r0) * k - 0.5) for c, r in pixels.T]
+        ImageDraw.Draw(layer).polygon(outline, fill=255)
+        covered = np.asarray(layer, dtype=np.float32)
+        if k > 1:
+            covered = covered.reshape(r1 - r0, k, c1 - c0, k).mean(axis=(1, 3))
+        return (slice(r0, r1), slice(c0, c1)), covered * np.float32(1.0 / 255.0)
 
     def letter(self, char: str, corner: tuple[float, float], height: float) -> None:
         """A lead positioning marker ("L" or "R") drawn in plain strokes, upright on screen."""
@@ -478,8 +506,6 @@ def expose(
     ramp_c = np.linspace(-0.5, 0.5, cols, dtype=np.float32) * np.float32(math.cos(th))
     ramp_r = np.linspace(-0.5, 0.5, rows, dtype=np.float32) * np.float32(math.sin(th))
     heel = np.float32(acquisition.heel)
-    primary = np.exp(-line)
-    primary *= 1.0 + heel * (ramp_r[:, None] + ramp_c[None, :])
     # Collimation: the shutter blocks the beam outside the field (blurred penumbra).
     top, bottom, left, right = acquisition.collimation
     field_r = np.zeros(rows, dtype=np.float32)
@@ -489,7 +515,12 @@ def expose(
     penumbra = max(1.5 / spacing, 0.5)
     field_r = ndimage.gaussian_filter1d(field_r, penumbra)
     field_c = ndimage.gaussian_filter1d(field_c, penumbra)
-    primary *= field_r[:, None] * field_c[None, :]
+    # Heel gradient times shutter, in one pass: (1 + h·(ramp_r + ramp_c)) · field_r · field_c.
+    beam = (field_r * (1.0 + heel * ramp_r))[:, None] * field_c[None, :] + (
+        field_r[:, None] * (heel * ramp_c * field_c)[None, :]
+    )
+    primary = np.exp(-line)
+    primary *= beam
     # Scatter: a heavily low-passed copy of the primary, computed on a coarse grid.
     factor = max(max(rows, cols) // 32, 1)
     coarse = primary[: rows - rows % factor, : cols - cols % factor]
@@ -518,9 +549,9 @@ def expose(
         coarse = log_signal[: rows - rows % factor, : cols - cols % factor]
         coarse = coarse.reshape(rows // factor, factor, cols // factor, factor).mean(axis=(1, 3))
         coarse = ndimage.gaussian_filter(coarse, 6.0 / (spacing * factor), mode="nearest")
-        background = _upsampler(rows, coarse.shape[0]) @ coarse @ _upsampler(
-            cols, coarse.shape[1]
-        ).T
+        background = (
+            _upsampler(rows, coarse.shape[0]) @ coarse @ _upsampler(cols, coarse.shape[1]).T
+        )
         log_signal = background + np.float32(1.0 + acquisition.detail) * (log_signal - background)
     tissue = (canvas.line_integral - canvas.metal_integral)[::8, ::8]
     in_field = (field_r[::8, None] * field_c[None, ::8]) > 0.99
@@ -528,10 +559,17 @@ def expose(
     low, high = np.percentile(sample, [1.0, 99.5]) if sample.size > 64 else (0.0, 6.0)
     span = np.float32(max(float(high - low), 0.5) / acquisition.contrast)
     low32, high32 = np.float32(low), np.float32(low) + span
-    linear = np.float32(0.05) + np.float32(0.75) * (log_signal - low32) / span
-    shoulder = np.float32(0.8) + np.float32(0.2) * np.tanh((log_signal - high32) / span * 3)
-    toe = np.float32(0.05) * np.exp(np.minimum(log_signal - low32, 0.0) / span * 15)
-    tone = np.where(log_signal > high32, shoulder, np.where(log_signal < low32, toe, linear))
-    top_value = (1 << bits_stored) - 1
-    out = np.clip(tone, 0.0, 1.0) * np.float32(top_value)
-    return np.rint(out).astype(np.uint16)
+    # Piecewise tone: linear over the anatomy, a toe below it and a shoulder above it. The
+    # toe and shoulder are evaluated only where they apply (most pixels are linear).
+    tone = (log_signal - low32) * (np.float32(0.75) / span) + np.float32(0.05)
+    below = log_signal < low32
+    above = log_signal > high32
+    tone[below] = np.float32(0.05) * np.exp((log_signal[below] - low32) / span * 15)
+    tone[above] = np.float32(0.8) + np.float32(0.2) * np.tanh(
+        (log_signal[above] - high32) / span * 3
+    )
+    top_value = np.float32((1 << bits_stored) - 1)
+    np.clip(tone, 0.0, 1.0, out=tone)
+    tone *= top_value
+    tone += np.float32(0.5)
+    return tone.astype(np.uint16)

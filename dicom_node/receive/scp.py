@@ -1,0 +1,475 @@
+"""DIMSE ingress: a pynetdicom Storage SCP (C-ECHO, C-STORE) in front of an instance sink.
+
+Only projection radiography is accepted (CR, DX, MG, IO, for presentation and for processing)
+in the transfer syntaxes the preprocessing can decode; anything else is refused while the
+presentation contexts are negotiated. When peers are configured, associations from unknown
+calling AE titles or hosts are rejected before negotiation.
+
+The C-STORE handler validates the data set and hands the encoded file to the sink, which
+stores it durably before the success status goes back. Storage errors become DICOM status
+codes here and nowhere else. Logs carry UIDs and AE titles, never patient identifiers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydicom.uid import (
+    JPEG2000,
+    UID,
+    ComputedRadiographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    DigitalIntraOralXRayImageStorageForPresentation,
+    DigitalIntraOralXRayImageStorageForProcessing,
+    DigitalMammographyXRayImageStorageForPresentation,
+    DigitalMammographyXRayImageStorageForProcessing,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pydicom.uid import (
+    JPEGLossless as JPEGLosslessProcess14,
+)
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicom_node.errors import StorageFullError, StoreError
+
+__all__ = [
+    "STORAGE_SOP_CLASSES",
+    "TRANSFER_SYNTAXES",
+    "InstanceSink",
+    "Peer",
+    "ScpSettings",
+    "StorageScp",
+]
+
+log = logging.getLogger(__name__)
+
+STORAGE_SOP_CLASSES: tuple[str, ...] = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    DigitalMammographyXRayImageStorageForPresentation,
+    DigitalMammographyXRayImageStorageForProcessing,
+    DigitalIntraOralXRayImageStorageForPresentation,
+    DigitalIntraOralXRayImageStorageForProcessing,
+)
+"""Projection radiography storage SOP classes accepted by the SCP (PS3.4 Annex B)."""
+
+TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ImplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessProcess14,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+"""Transfer syntaxes accepted for storage; any other (big endian, video...) is refused."""
+
+# C-STORE statuses (PS3.4 B.2.3); 0xC211 is pynetdicom's own "unable to process" code.
+_SUCCESS = 0x0000
+_OUT_OF_RESOURCES = 0xA700
+_SOP_CLASS_MISMATCH = 0xA900
+_CANNOT_UNDERSTAND = 0xC210
+_UNABLE_TO_PROCESS = 0xC211
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-permanent by the service user.
+_REJECTED_PERMANENT = 0x01
+_SERVICE_USER = 0x01
+_CALLING_AE_NOT_RECOGNISED = 0x03
+_CALLED_AE_NOT_RECOGNISED = 0x07
+
+_VERIFICATION = "1.2.840.10008.1.1"
+
+_IDENTIFYING_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A calling AE allowed to associate; ``host`` None allows it from any address."""
+
+    ae_title: str
+    host: str | None = None
+
+
+class InstanceSink(Protocol):
+    """Where received instances go (the spool)."""
+
+    def store(
+        self,
+        encoded: bytes,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        calling_ae_title: str,
+    ) -> bool:
+        """Durably store a DICOM file (preamble, file meta and data set).
+
+        Returns True when the instance is new, False when its SOP Instance UID was already
+        stored. Raises ``StorageFullError`` when it cannot be kept, ``StoreError`` on any
+        other storage failure.
+        """
+        ...
+
+
+@dataclass(frozen=True)
+class ScpSettings:
+    """The SCP's identity, allow-list and association limits."""
+
+    ae_title: str = "ORTHONODE"
+    host: str = "0.0.0.0"
+    port: int = 11112  # 0: any free port, see ``StorageScp.port``
+    peers: tuple[Peer, ...] = ()  # empty: accept any calling AE
+    max_associations: int = 10
+    max_pdu: int = 16382 * 8  # 0: unlimited
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 30.0
+    network_timeout: float = 60.0
+
+
+class StorageScp:
+    """Verification and Storage SCP for projection radiographs.
+
+    Parameters
+    ----------
+    settings : ScpSettings
+        AE title, address, allow-list and limits.
+    sink : InstanceSink
+        Durable storage for received instances; called from the association threads.
+    on_stored : callable, optional
+        ``on_stored(study_instance_uid, sop_instance_uid)``, called after each instance stored
+        for the first time (not for duplicates). Its errors are logged, never returned to the
+        sender: the instance is already stored.
+    """
+
+    def __init__(
+        self,
+        settings: ScpSettings,
+        sink: InstanceSink,
+        *,
+        on_stored: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._sink = sink
+        self._on_stored = on_stored
+        self._lock = threading.Lock()
+        self._ae: AE | None = None
+        self._server: ThreadedAssociationServer | None = None
+        self._bound_port: int | None = None
+        # AE title -> allowed addresses per listed peer (None: any address)
+        self._allowed: dict[str, list[frozenset[str] | None]] = {}
+
+    @property
+    def port(self) -> int:
+        """The bound port once started (``settings.port`` may be 0), else the configured one."""
+        return self._bound_port if self._bound_port is not None else self.settings.port
+
+    def start(self) -> None:
+        """Listen in background threads; returns once the port is bound.
+
+        Peer host names are resolved here, once: a name that does not resolve admits nobody.
+        """
+        settings = self.settings
+        with self._lock:
+            if self._server is not None:
+                raise RuntimeError("the storage SCP is already started")
+            self._allowed = _allowed_addresses(settings.peers)
+            ae = AE(ae_title=settings.ae_title)
+            ae.maximum_associations = settings.max_associations
+            ae.maximum_pdu_size = settings.max_pdu
+            ae.acse_timeout = settings.acse_timeout
+            ae.dimse_timeout = settings.dimse_timeout
+            ae.network_timeout = settings.network_timeout
+            # Our EVT_REQUESTED handler rejects a wrong called AE title first (and logs why);
+            # pynetdicom's own check stays on as a second line.
+            ae.require_called_aet = True
+            ae.add_supported_context(
+                _VERIFICATION, [ImplicitVRLittleEndian, ExplicitVRLittleEndian]
+            )
+            for sop_class in STORAGE_SOP_CLASSES:
+                ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
+            handlers: list[Any] = [
+                (evt.EVT_REQUESTED, self._handle_requested),
+                (evt.EVT_REJECTED, self._handle_rejected),
+                (evt.EVT_ACCEPTED, self._handle_accepted),
+                (evt.EVT_C_STORE, self._handle_store),
+            ]
+            server = ae.start_server(
+                (settings.host, settings.port), block=False, evt_handlers=handlers
+            )
+            assert server is not None  # block=False always returns the server
+            self._ae, self._server = ae, server
+            self._bound_port = int(server.server_address[1])
+        log.info(
+            "storage SCP %s listening on %s:%d (%d peer(s) allowed%s)",
+            settings.ae_title,
+            settings.host,
+            self.port,
+            len(settings.peers),
+            "" if settings.peers else ": any calling AE",
+        )
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting associations, let running ones end, then abort what remains.
+
+        Waits at most about ``timeout`` seconds for running associations. Safe to call twice,
+        and before ``start``.
+        """
+        with self._lock:
+            ae, server = self._ae, self._server
+            self._ae = self._server = None
+        if ae is None or server is None:
+            return
+        server.shutdown()  # closes the listening socket: new associations are refused
+        deadline = time.monotonic() + timeout
+        for assoc in server.active_associations:
+            assoc.join(max(0.0, deadline - time.monotonic()))
+        remaining = server.active_associations
+        if remaining:
+            log.warning("aborting %d association(s) still running at stop", len(remaining))
+        ae.shutdown()  # aborts the AE's remaining associations
+        log.info("storage SCP %s stopped", self.settings.ae_title)
+
+    # -- association negotiation -------------------------------------------------------------
+
+    def _handle_requested(self, event: Event) -> None:
+        assoc = event.assoc
+        request = _primitive(assoc.requestor.primitive)
+        calling = str(request.calling_ae_title).strip()
+        called = str(request.called_ae_title).strip()
+        address = assoc.requestor.address
+        problem = self._rejection(calling, called, address)
+        if problem is None:
+            return
+        diagnostic, reason = problem
+        log.warning(
+            "rejected association from %s at %s to %s: %s",
+            calling,
+            address,
+            called,
+            reason,
+            extra={"calling_ae_title": calling, "called_ae_title": called},
+        )
+        assoc.acse.send_reject(_REJECTED_PERMANENT, _SERVICE_USER, diagnostic)
+        # As pynetdicom does after its own rejections: wait until the reject is sent and the
+        # peer has closed (bounded by the ARTIM timer) before the socket is shut down.
+        assoc.kill()
+
+    def _rejection(self, calling: str, called: str, address: str) -> tuple[int, str] | None:
+        """(diagnostic, reason) when an association must be rejected, else None."""
+        if called != self.settings.ae_title.strip():
+            return _CALLED_AE_NOT_RECOGNISED, "called AE title not recognised"
+        if not self._allowed:
+            return None
+        hosts = self._allowed.get(calling)
+        if hosts is None:
+            return _CALLING_AE_NOT_RECOGNISED, "calling AE title not recognised"
+        normalised = _normalise_address(address)
+        if any(allowed is None or normalised in allowed for allowed in hosts):
+            return None
+        return _CALLING_AE_NOT_RECOGNISED, "calling AE title not allowed from this host"
+
+    def _handle_rejected(self, event: Event) -> None:
+        # Rejections decided by pynetdicom itself (e.g. too many associations).
+        answer = _primitive(event.assoc.acceptor.primitive)
+        request = _primitive(event.assoc.requestor.primitive)
+        log.warning(
+            "rejected association from %s at %s: result 0x%02X, source 0x%02X, reason 0x%02X",
+            str(request.calling_ae_title).strip(),
+            event.assoc.requestor.address,
+            answer.result,
+            answer.result_source,
+            answer.diagnostic,
+        )
+
+    def _handle_accepted(self, event: Event) -> None:
+        calling = event.assoc.requestor.ae_title
+        rejected = event.assoc.rejected_contexts
+        # SCUs such as storescu propose every storage class: only refusals of the classes we
+        # store (a transfer syntax we cannot read) deserve a line each.
+        ours = [cx for cx in rejected if cx.abstract_syntax in STORAGE_SOP_CLASSES]
+        if len(rejected) > len(ours):
+            log.debug(
+                "association from %s: %d presentation context(s) for other SOP classes rejected",
+                calling,
+                len(rejected) - len(ours),
+            )
+        for context in ours:
+            log.info(
+                "rejected presentation context %s (%s) from %s: %s",
+                context.abstract_syntax,
+                ", ".join(context.transfer_syntax),
+                calling,
+                context.status,
+            )
+
+    # -- C-STORE -----------------------------------------------------------------------------
+
+    def _handle_store(self, event: Event) -> int:
+        calling = event.assoc.requestor.ae_title
+        affected = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
+        try:
+            dataset = event.dataset
+            sop_class_uid = _text(dataset.get("SOPClassUID"))
+            uids = {keyword: _text(dataset.get(keyword)) for keyword in _IDENTIFYING_UIDS}
+        except Exception as error:
+            # Not the message: a decoding error may quote element values.
+            log.warning(
+                "C-STORE %r from %s: data set cannot be decoded (%s); answering 0x%04X",
+                affected,
+                calling,
+                type(error).__name__,
+                _CANNOT_UNDERSTAND,
+            )
+            return _CANNOT_UNDERSTAND
+
+        abstract_syntax = str(event.context.abstract_syntax)
+        if sop_class_uid != abstract_syntax:
+            log.warning(
+                "C-STORE %r from %s: SOP Class UID %r does not match the presentation "
+                "context %s; answering 0x%04X",
+                affected,
+                calling,
+                sop_class_uid,
+                abstract_syntax,
+                _SOP_CLASS_MISMATCH,
+            )
+            return _SOP_CLASS_MISMATCH
+
+        invalid = [keyword for keyword, uid in uids.items() if not uid or not UID(uid).is_valid]
+        if invalid:
+            log.warning(
+                "C-STORE %r from %s: missing or invalid %s; answering 0x%04X",
+                affected,
+                calling,
+                ", ".join(f"{keyword} {uids[keyword]!r}" for keyword in invalid),
+                _CANNOT_UNDERSTAND,
+            )
+            return _CANNOT_UNDERSTAND
+
+        sop_instance_uid = uids["SOPInstanceUID"]
+        study_instance_uid = uids["StudyInstanceUID"]
+        context = {
+            "sop_instance_uid": sop_instance_uid,
+            "study_instance_uid": study_instance_uid,
+            "calling_ae_title": calling,
+        }
+        try:
+            is_new = self._sink.store(
+                event.encoded_dataset(include_meta=True),
+                sop_class_uid=sop_class_uid,
+                sop_instance_uid=sop_instance_uid,
+                study_instance_uid=study_instance_uid,
+                series_instance_uid=uids["SeriesInstanceUID"],
+                calling_ae_title=calling,
+            )
+        except StoreError as error:
+            kind = "storage full" if isinstance(error, StorageFullError) else "store failed"
+            log.error(
+                "C-STORE %s from %s: %s (%s); answering 0x%04X",
+                sop_instance_uid,
+                calling,
+                kind,
+                error,
+                _OUT_OF_RESOURCES,
+                extra=context,
+            )
+            return _OUT_OF_RESOURCES
+        except Exception:
+            log.exception(
+                "C-STORE %s from %s: unexpected sink error; answering 0x%04X",
+                sop_instance_uid,
+                calling,
+                _UNABLE_TO_PROCESS,
+                extra=context,
+            )
+            return _UNABLE_TO_PROCESS
+
+        if not is_new:
+            log.info("C-STORE %s from %s: already stored", sop_instance_uid, calling, extra=context)
+            return _SUCCESS
+        log.info(
+            "stored %s (study %s) from %s",
+            sop_instance_uid,
+            study_instance_uid,
+            calling,
+            extra=context,
+        )
+        if self._on_stored is not None:
+            try:
+                self._on_stored(study_instance_uid, sop_instance_uid)
+            except Exception:
+                log.exception("on_stored callback failed for %s", sop_instance_uid, extra=context)
+        return _SUCCESS
+
+
+def _primitive(primitive: A_ASSOCIATE | None) -> A_ASSOCIATE:
+    if primitive is None:  # pynetdicom sets both before the association events fire
+        raise RuntimeError("association event without its A-ASSOCIATE primitive")
+    return primitive
+
+
+def _text(value: Any) -> str:
+    """A UID element's value as a stripped string ('' when absent)."""
+    return "" if value is None else str(value).strip()
+
+
+def _normalise_address(address: str) -> str:
+    """Canonical form of an IP address (IPv4-mapped IPv6 becomes IPv4); others unchanged."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)
+
+
+def _resolve(host: str) -> frozenset[str]:
+    """The addresses a peer's host (an IP address or a name) stands for."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        pass
+    else:
+        return frozenset({_normalise_address(host)})
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as error:
+        log.warning("peer host %r does not resolve (%s): it is not allowed", host, error)
+        return frozenset()
+    return frozenset(_normalise_address(str(info[4][0])) for info in infos)
+
+
+def _allowed_addresses(peers: tuple[Peer, ...]) -> dict[str, list[frozenset[str] | None]]:
+    allowed: dict[str, list[frozenset[str] | None]] = {}
+    for peer in peers:
+        hosts = None if peer.host is None else _resolve(peer.host)
+        allowed.setdefault(peer.ae_title.strip(), []).append(hosts)
+    return allowed

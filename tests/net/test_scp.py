@@ -1,0 +1,452 @@
+"""The Storage SCP over real associations on 127.0.0.1: pynetdicom and dcmtk as the SCU."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    CTImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+)
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+
+from dicom_node.errors import StorageFullError
+from dicom_node.receive import (
+    STORAGE_SOP_CLASSES,
+    TRANSFER_SYNTAXES,
+    Peer,
+    ScpSettings,
+    StorageScp,
+)
+from tests.conftest import make_set, require_tool
+
+VERIFICATION = "1.2.840.10008.1.1"
+SCU_AE_TITLE = "TESTSCU"
+TIMEOUT_S = 10.0
+
+
+class MemorySink:
+    """An in-memory InstanceSink: SOP Instance UID → file bytes; can pretend the disk is full."""
+
+    def __init__(self, full: bool = False) -> None:
+        self.full = full
+        self.instances: dict[str, bytes] = {}
+        self.calls: list[tuple[str, bool]] = []  # (sop_instance_uid, returned new?)
+        self.calling_ae_titles: list[str] = []
+        self._lock = threading.Lock()
+
+    def store(
+        self,
+        encoded: bytes,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        calling_ae_title: str,
+    ) -> bool:
+        if self.full:
+            raise StorageFullError(f"no room for {sop_instance_uid}")
+        with self._lock:
+            is_new = sop_instance_uid not in self.instances
+            if is_new:
+                self.instances[sop_instance_uid] = encoded
+            self.calls.append((sop_instance_uid, is_new))
+            self.calling_ae_titles.append(calling_ae_title)
+        return is_new
+
+
+# -- fixtures -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Path]]:
+    """One knee patient's DX files, explicit VR little endian and JPEG 2000 lossless."""
+    root = tmp_path_factory.mktemp("scp-phantoms")
+    files = {}
+    for syntax in ("explicit", "jpeg2000"):
+        folder = make_set(root, syntax, task="knee", patients=1, seed=1, transfer_syntax=syntax)
+        with (folder / "manifest.csv").open(newline="") as handle:
+            files[syntax] = [folder / row["path"] for row in csv.DictReader(handle)]
+    return files
+
+
+@pytest.fixture
+def dx_file(phantoms: dict[str, list[Path]]) -> Path:
+    return phantoms["explicit"][0]
+
+
+@pytest.fixture
+def sink() -> MemorySink:
+    return MemorySink()
+
+
+@pytest.fixture
+def start_scp() -> Iterator[Callable[..., StorageScp]]:
+    """Start SCPs on free ports of 127.0.0.1; each is stopped in teardown."""
+    started: list[StorageScp] = []
+
+    def start(
+        sink: MemorySink,
+        on_stored: Callable[[str, str], None] | None = None,
+        **settings: object,
+    ) -> StorageScp:
+        options: dict[str, object] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "acse_timeout": TIMEOUT_S,
+            "dimse_timeout": TIMEOUT_S,
+            "network_timeout": TIMEOUT_S,
+            **settings,
+        }
+        scp = StorageScp(ScpSettings(**options), sink, on_stored=on_stored)  # type: ignore[arg-type]
+        scp.start()
+        started.append(scp)
+        return scp
+
+    yield start
+    for scp in started:
+        scp.stop()
+
+
+@pytest.fixture
+def scp(start_scp: Callable[..., StorageScp], sink: MemorySink) -> StorageScp:
+    return start_scp(sink)
+
+
+@contextmanager
+def association(
+    port: int,
+    contexts: Sequence[tuple[str, Sequence[str]]],
+    ae_title: str = SCU_AE_TITLE,
+    called_ae_title: str = "ORTHONODE",
+) -> Iterator[Association]:
+    """An association from a pynetdicom SCU, released (or aborted) on exit."""
+    ae = AE(ae_title=ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
+    for abstract_syntax, transfer_syntaxes in contexts:
+        ae.add_requested_context(abstract_syntax, list(transfer_syntaxes))
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae_title)
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+
+def dx_contexts(*transfer_syntaxes: str) -> list[tuple[str, Sequence[str]]]:
+    syntaxes: list[str] = list(transfer_syntaxes or [ExplicitVRLittleEndian])
+    return [(DigitalXRayImageStorageForPresentation, syntaxes)]
+
+
+def store_status(port: int, dataset: Dataset | Path, syntax: str = ExplicitVRLittleEndian) -> int:
+    """Send one C-STORE over a fresh association and return the status."""
+    with association(port, dx_contexts(syntax)) as assoc:
+        assert assoc.is_established
+        status = assoc.send_c_store(dataset)
+        assert "Status" in status, "no C-STORE response"
+        return int(status.Status)
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def rejection(assoc: Association) -> tuple[int, int, int]:
+    answer = assoc.acceptor.primitive
+    assert answer is not None
+    return int(answer.result or 0), int(answer.result_source or 0), int(answer.diagnostic or 0)
+
+
+# -- constants ------------------------------------------------------------------------------
+
+
+def test_accepted_sop_classes_and_transfer_syntaxes() -> None:
+    assert len(STORAGE_SOP_CLASSES) == 7
+    assert CTImageStorage not in STORAGE_SOP_CLASSES
+    assert "1.2.840.10008.5.1.4.1.1.7" not in STORAGE_SOP_CLASSES  # Secondary Capture
+    assert JPEG2000Lossless in TRANSFER_SYNTAXES
+    assert ExplicitVRBigEndian not in TRANSFER_SYNTAXES
+    assert len(set(TRANSFER_SYNTAXES)) == len(TRANSFER_SYNTAXES) == 12
+
+
+# -- C-ECHO and C-STORE ---------------------------------------------------------------------
+
+
+def test_c_echo(scp: StorageScp) -> None:
+    assert scp.port > 0
+    with association(scp.port, [(VERIFICATION, [ExplicitVRLittleEndian])]) as assoc:
+        assert assoc.is_established
+        status = assoc.send_c_echo()
+        assert int(status.Status) == 0x0000
+
+
+def test_c_store_hands_the_file_to_the_sink(
+    scp: StorageScp, sink: MemorySink, dx_file: Path
+) -> None:
+    sent = pydicom.dcmread(dx_file)
+    assert store_status(scp.port, sent) == 0x0000
+
+    received = pydicom.dcmread(BytesIO(sink.instances[sent.SOPInstanceUID]))
+    assert received.SOPInstanceUID == sent.SOPInstanceUID
+    assert received.file_meta.MediaStorageSOPInstanceUID == sent.SOPInstanceUID
+    assert received.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert (received.pixel_array == sent.pixel_array).all()
+    assert sink.calling_ae_titles == [SCU_AE_TITLE]
+
+
+def test_duplicate_c_store_is_idempotent(
+    start_scp: Callable[..., StorageScp], sink: MemorySink, dx_file: Path
+) -> None:
+    stored: list[tuple[str, str]] = []
+    scp = start_scp(sink, on_stored=lambda study, sop: stored.append((study, sop)))
+    sent = pydicom.dcmread(dx_file)
+
+    with association(scp.port, dx_contexts()) as assoc:
+        statuses = [int(assoc.send_c_store(sent).Status) for _ in range(2)]
+
+    assert statuses == [0x0000, 0x0000]
+    assert sink.calls == [(sent.SOPInstanceUID, True), (sent.SOPInstanceUID, False)]
+    assert stored == [(sent.StudyInstanceUID, sent.SOPInstanceUID)]
+
+
+def test_jpeg2000_is_accepted(
+    scp: StorageScp, sink: MemorySink, phantoms: dict[str, list[Path]]
+) -> None:
+    sent = pydicom.dcmread(phantoms["jpeg2000"][0])
+    assert sent.file_meta.TransferSyntaxUID == JPEG2000Lossless
+
+    assert store_status(scp.port, sent, JPEG2000Lossless) == 0x0000
+
+    received = pydicom.dcmread(BytesIO(sink.instances[sent.SOPInstanceUID]))
+    assert received.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert (received.pixel_array == sent.pixel_array).all()
+
+
+def test_storage_full_answers_out_of_resources(
+    start_scp: Callable[..., StorageScp], dx_file: Path
+) -> None:
+    scp = start_scp(MemorySink(full=True))
+    assert store_status(scp.port, pydicom.dcmread(dx_file)) == 0xA700
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI", "ignore:The value length")
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("SOPInstanceUID", "1.2.abc"),
+        ("StudyInstanceUID", "1.2.abc"),
+        ("SeriesInstanceUID", "1." + "2" * 70),
+        ("StudyInstanceUID", None),
+    ],
+)
+def test_invalid_uid_answers_cannot_understand(
+    scp: StorageScp,
+    sink: MemorySink,
+    dx_file: Path,
+    keyword: str,
+    value: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dataset = pydicom.dcmread(dx_file)
+    if value is None:
+        delattr(dataset, keyword)
+    else:
+        setattr(dataset, keyword, value)
+    # Send the data set as written, even if another test made pynetdicom enforce UIDs.
+    monkeypatch.setattr(_config, "ENFORCE_UID_CONFORMANCE", False)
+    assert store_status(scp.port, dataset) == 0xC210
+    assert sink.calls == []
+
+
+def test_sop_class_mismatch_answers_0xa900(
+    scp: StorageScp,
+    sink: MemorySink,
+    dx_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The file meta (which picks the presentation context) says DX, the data set says CR;
+    # sending the file in chunks puts the data set on the wire unchanged.
+    dataset = pydicom.dcmread(dx_file)
+    dataset.SOPClassUID = ComputedRadiographyImageStorage
+    dataset.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
+    path = tmp_path / "mismatch.dcm"
+    dataset.save_as(path)  # not enforce_file_format: that would make the file meta say CR
+    monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+
+    assert store_status(scp.port, path) == 0xA900
+    assert sink.calls == []
+
+
+# -- presentation contexts --------------------------------------------------------------------
+
+
+def test_big_endian_context_is_rejected(scp: StorageScp, dx_file: Path) -> None:
+    contexts = [*dx_contexts(ExplicitVRBigEndian), (VERIFICATION, [ExplicitVRLittleEndian])]
+    with association(scp.port, contexts) as assoc:
+        assert assoc.is_established
+        accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+        assert accepted == {VERIFICATION}
+        [refused] = assoc.rejected_contexts
+        assert refused.abstract_syntax == DigitalXRayImageStorageForPresentation
+        assert refused.result == 0x04  # transfer syntaxes not supported
+        with pytest.raises(ValueError, match="presentation context"):
+            assoc.send_c_store(pydicom.dcmread(dx_file))
+
+
+def test_unsupported_sop_class_is_rejected(scp: StorageScp) -> None:
+    contexts = [
+        (CTImageStorage, [ExplicitVRLittleEndian]),
+        (VERIFICATION, [ExplicitVRLittleEndian]),
+    ]
+    with association(scp.port, contexts) as assoc:
+        assert assoc.is_established
+        assert {cx.abstract_syntax for cx in assoc.accepted_contexts} == {VERIFICATION}
+        [refused] = assoc.rejected_contexts
+        assert refused.abstract_syntax == CTImageStorage
+        assert refused.result == 0x03  # abstract syntax not supported
+
+
+def test_only_unsupported_contexts_establish_nothing(scp: StorageScp) -> None:
+    with association(scp.port, [(CTImageStorage, [ExplicitVRLittleEndian])]) as assoc:
+        assert not assoc.is_established
+        assert assoc.accepted_contexts == []
+
+
+# -- association acceptance -------------------------------------------------------------------
+
+
+def test_wrong_called_ae_title_is_rejected(scp: StorageScp) -> None:
+    contexts = [(VERIFICATION, [ExplicitVRLittleEndian])]
+    with association(scp.port, contexts, called_ae_title="SOMEONE") as assoc:
+        assert assoc.is_rejected
+        assert rejection(assoc) == (0x01, 0x01, 0x07)
+
+
+@pytest.mark.parametrize(
+    ("peers", "accepted"),
+    [
+        ((Peer("PACS"), Peer(SCU_AE_TITLE)), True),
+        ((Peer(SCU_AE_TITLE, "127.0.0.1"),), True),
+        ((Peer("PACS"),), False),
+        ((Peer(SCU_AE_TITLE, "192.0.2.7"),), False),  # listed, but from another host
+        ((Peer(SCU_AE_TITLE, "192.0.2.7"), Peer(SCU_AE_TITLE, "127.0.0.1")), True),
+    ],
+)
+def test_peers_allow_list(
+    start_scp: Callable[..., StorageScp],
+    sink: MemorySink,
+    peers: tuple[Peer, ...],
+    accepted: bool,
+) -> None:
+    scp = start_scp(sink, peers=peers)
+    with association(scp.port, [(VERIFICATION, [ExplicitVRLittleEndian])]) as assoc:
+        assert assoc.is_established is accepted
+        if accepted:
+            assert int(assoc.send_c_echo().Status) == 0x0000
+        else:
+            assert assoc.is_rejected
+            assert rejection(assoc) == (0x01, 0x01, 0x03)
+
+
+def test_too_many_associations_are_rejected_transiently(
+    start_scp: Callable[..., StorageScp], sink: MemorySink
+) -> None:
+    scp = start_scp(sink, max_associations=1)
+    contexts = [(VERIFICATION, [ExplicitVRLittleEndian])]
+    with association(scp.port, contexts) as first:
+        assert first.is_established
+        with association(scp.port, contexts) as second:
+            assert second.is_rejected
+            assert rejection(second) == (0x02, 0x03, 0x02)  # transient, local limit exceeded
+        assert int(first.send_c_echo().Status) == 0x0000
+
+
+def test_stop_twice_then_associations_fail(scp: StorageScp) -> None:
+    port = scp.port
+    started = time.monotonic()
+    scp.stop()
+    scp.stop()
+    assert time.monotonic() - started < 5.0
+    with association(port, [(VERIFICATION, [ExplicitVRLittleEndian])]) as assoc:
+        assert not assoc.is_established
+
+
+def test_stop_lets_a_running_association_finish(
+    scp: StorageScp, sink: MemorySink, dx_file: Path
+) -> None:
+    with association(scp.port, dx_contexts()) as assoc:
+        assert assoc.is_established
+        stopper = threading.Thread(target=scp.stop)
+        stopper.start()
+        # Stop closes the listening socket first; the open association keeps working.
+        assert int(assoc.send_c_store(pydicom.dcmread(dx_file)).Status) == 0x0000
+    stopper.join(TIMEOUT_S)
+    assert not stopper.is_alive()
+    assert len(sink.instances) == 1
+
+
+def test_stop_aborts_an_idle_association_after_the_timeout(scp: StorageScp) -> None:
+    with association(scp.port, [(VERIFICATION, [ExplicitVRLittleEndian])]) as assoc:
+        assert assoc.is_established
+        started = time.monotonic()
+        scp.stop(timeout=0.2)
+        assert time.monotonic() - started < 5.0
+        assert wait_for(lambda: assoc.is_aborted)
+
+
+# -- dcmtk as the SCU -------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_dcmtk_echoscu(scp: StorageScp) -> None:
+    echoscu = require_tool("echoscu")
+    command = [echoscu, "-aet", SCU_AE_TITLE, "-aec", "ORTHONODE", "127.0.0.1", str(scp.port)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.integration
+def test_dcmtk_storescu(scp: StorageScp, sink: MemorySink, dx_file: Path) -> None:
+    storescu = require_tool("storescu")
+    command = [storescu, "-aet", SCU_AE_TITLE, "-aec", "ORTHONODE", "127.0.0.1", str(scp.port)]
+    result = subprocess.run([*command, str(dx_file)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    sop_instance_uid = pydicom.dcmread(dx_file, stop_before_pixels=True).SOPInstanceUID
+    assert wait_for(lambda: sop_instance_uid in sink.instances)
+    received = pydicom.dcmread(BytesIO(sink.instances[sop_instance_uid]))
+    assert received.SOPInstanceUID == sop_instance_uid
+
+
+@pytest.mark.integration
+def test_dcmtk_storescu_is_rejected_by_the_allow_list(
+    start_scp: Callable[..., StorageScp], sink: MemorySink, dx_file: Path
+) -> None:
+    storescu = require_tool("storescu")
+    scp = start_scp(sink, peers=(Peer("PACS"),))
+    command = [storescu, "-aet", SCU_AE_TITLE, "-aec", "ORTHONODE", "127.0.0.1", str(scp.port)]
+    result = subprocess.run([*command, str(dx_file)], capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert sink.calls == []
