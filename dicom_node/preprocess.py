@@ -63,7 +63,8 @@ def to_model_input(
     """A (channels, size, size) float tensor for the network, from a displayed image.
 
     ``normalisation`` is "imagenet" (channel mean/std of ImageNet, for backbones trained from
-    ImageNet weights) or "unit" (the [0, 1] image centred at 0.5 and scaled by 4).
+    ImageNet weights), "unit" (the [0, 1] image centred at 0.5 and scaled by 4) or
+    "standardise" (zero mean, unit variance per image).
     """
     square = torch.from_numpy(resize_pad(display, size))
     tensor = square[None].expand(channels, size, size).clone()
@@ -73,8 +74,12 @@ def to_model_input(
         tensor = (tensor - mean[:, None, None]) / std[:, None, None]
     elif normalisation == "unit":
         tensor = (tensor - 0.5) * 4.0
+    elif normalisation == "standardise":
+        tensor = (tensor - tensor.mean()) / tensor.std().clamp_min(1e-3)
     else:
-        raise ValueError(f"unknown normalisation {normalisation!r}: use imagenet or unit")
+        raise ValueError(
+            f"unknown normalisation {normalisation!r}: use imagenet, unit or standardise"
+        )
     return tensor
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-__all__ = ["BACKBONES", "build_backbone", "saliency_layer"]
+__all__ = ["BACKBONES", "SmallCNN", "build_backbone", "saliency_layer"]
 
 
 def _densenet(factory: Callable[..., models.DenseNet]) -> Callable[[int], nn.Module]:
@@ -49,6 +49,45 @@ def _mobilenet_v3_small(classes: int) -> nn.Module:
     return model
 
 
+class SmallCNN(nn.Module):
+    """A deliberately small CNN (about 0.17 M weights, ~45 M multiply-adds at 256 px).
+
+    Small enough to train on a 2-core CPU in minutes. ``python -m train synth-check`` uses it
+    to ask whether phantom classes are learnable; as the backbone ``orthonode_cnn`` (one input
+    channel, per-image standardisation) it is what the CPU-trained demo bundles use.
+    """
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+
+        def stage(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                nn.BatchNorm2d(cout),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
+
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 12, 5, stride=2, padding=2, bias=False),
+            nn.BatchNorm2d(12),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            stage(12, 24),
+            stage(24, 48),
+            stage(48, 96),
+            nn.Conv2d(96, 128, 3, padding=1, bias=False),
+            nn.BatchNorm2d(128),
+            nn.ReLU(inplace=True),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(256, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.features(x)
+        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
+        return self.head(pooled)
+
+
 #: name → builder(classes). densenet201/efficientnet_b0 are the published studies' choices;
 #: resnet18 and mobilenet_v3_small are small enough for CPU-trained demo weights.
 BACKBONES: dict[str, Callable[[int], nn.Module]] = {
@@ -58,6 +97,7 @@ BACKBONES: dict[str, Callable[[int], nn.Module]] = {
     "resnet18": _resnet(models.resnet18),
     "resnet50": _resnet(models.resnet50),
     "mobilenet_v3_small": _mobilenet_v3_small,
+    "orthonode_cnn": SmallCNN,
 }
 
 
@@ -76,6 +116,8 @@ def saliency_layer(model: nn.Module, name: str) -> nn.Module:
         layer = model.features
     elif name.startswith("resnet"):
         layer = model.layer4
+    elif name == "orthonode_cnn":
+        layer = model.features
     elif name in ("efficientnet_b0", "mobilenet_v3_small"):
         layer = model.features[-1]  # type: ignore[index]
     else:

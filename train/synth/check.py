@@ -34,6 +34,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
+from dicom_node.models.backbones import SmallCNN
 from dicom_node.preprocess import display_image, resize_pad
 
 __all__ = ["BOUNDS", "CheckResult", "SmallCNN", "get_args_parser", "main", "run_check"]
@@ -65,44 +66,6 @@ class CheckResult:
     @property
     def passed(self) -> bool:
         return self.probe <= self.probe_bound and self.cnn >= self.cnn_bound
-
-
-class SmallCNN(nn.Module):
-    """A deliberately small CNN (about 0.17 M weights, ~45 M multiply-adds at 256 px).
-
-    Small enough to train on a 2-core CPU in minutes: the check asks whether the classes are
-    *learnable* from the details, not how well a large model does (that is ``train fit``).
-    """
-
-    def __init__(self, classes: int) -> None:
-        super().__init__()
-
-        def stage(cin: int, cout: int) -> nn.Sequential:
-            return nn.Sequential(
-                nn.Conv2d(cin, cout, 3, padding=1, bias=False),
-                nn.BatchNorm2d(cout),
-                nn.ReLU(inplace=True),
-                nn.MaxPool2d(2),
-            )
-
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 12, 5, stride=2, padding=2, bias=False),
-            nn.BatchNorm2d(12),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            stage(12, 24),
-            stage(24, 48),
-            stage(48, 96),
-            nn.Conv2d(96, 128, 3, padding=1, bias=False),
-            nn.BatchNorm2d(128),
-            nn.ReLU(inplace=True),
-        )
-        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(256, classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.features(x)
-        pooled = torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
-        return self.head(pooled)
 
 
 def _load(directory: Path, size: int) -> tuple[np.ndarray, list[dict[str, str]]]:

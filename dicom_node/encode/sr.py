@@ -1,0 +1,343 @@
+"""Structured Report: the AI result as a TID 1500 Imaging Measurement Report (Comprehensive 3D SR).
+
+The SR is the machine-readable record of the result (what IHE AI Results asks for). Built with
+highdicom; pydicom adds only what highdicom cannot express (the Device UID of the algorithm in
+the Contributing Equipment Sequence).
+
+Content: a device observer (the model, with a Device UID stable for one model version), the
+procedure reported (an imaging procedure, never the algorithm), an Image Library of the analysed
+images, and one measurement group (TID 1501) per analysed image plus a study-level group for the
+fused AP + lateral result. Each group carries a tracking identifier and UID, the finding
+(implant, prosthesis or screw), its site with laterality, the algorithm (TID 4019), the predicted
+class as a coded qualitative evaluation, Certainty of Finding in percent and each class's
+probability in percent (concept name: the class's own code).
+
+A group's evaluation is "undetermined" (373068000, SCT) when the study-level prediction
+abstains, or when that group's own top probability is below the bundle's threshold. Its
+certainty is still reported, so a reader sees how unsure the model was.
+
+Tracking UIDs are derived from the SR's SOP Instance UID, so an SR rebuilt with the same UIDs
+and time is the same object.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import highdicom as hd
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+from pydicom.valuerep import DA, TM
+
+from dicom_node.domain import ClassInfo, Prediction
+from dicom_node.encode.sc import (
+    algorithm_equipment,
+    laterality_of,
+    patient_study_header,
+    pin_contribution_time,
+    series_description,
+)
+from dicom_node.errors import EncodeError
+from dicom_node.models.codes import PRIVATE_SCHEME, UNDETERMINED
+
+__all__ = ["build_structured_report"]
+
+log = logging.getLogger(__name__)
+
+_CODE_VALUE_MAX = 16  # longer values become LongCodeValue, which viewers ignore
+_CODE_MEANING_MAX = 64
+
+
+@dataclass(frozen=True)
+class _TaskCodes:
+    finding: hd.sr.CodedConcept  # value of Finding (121071, DCM)
+    site: hd.sr.CodedConcept  # value of Finding Site
+    evaluation: hd.sr.CodedConcept  # concept name of the predicted class
+
+
+_TASKS = {
+    "knee": _TaskCodes(
+        finding=hd.sr.CodedConcept("40388003", "SCT", "Implant"),
+        site=hd.sr.CodedConcept("49076000", "SCT", "Knee joint"),
+        evaluation=hd.sr.CodedConcept("IMPLANT-MODEL", PRIVATE_SCHEME, "Implant model"),
+    ),
+    "hip": _TaskCodes(
+        finding=hd.sr.CodedConcept("53350007", "SCT", "Prosthesis"),
+        site=hd.sr.CodedConcept("24136001", "SCT", "Hip joint"),
+        evaluation=hd.sr.CodedConcept("LOOSENING", PRIVATE_SCHEME, "Prosthesis loosening"),
+    ),
+    "spine": _TaskCodes(
+        finding=hd.sr.CodedConcept("68183006", "SCT", "Screw"),
+        site=hd.sr.CodedConcept("122496007", "SCT", "Lumbar spine"),
+        evaluation=hd.sr.CodedConcept("SCREW-BRAND", PRIVATE_SCHEME, "Screw brand"),
+    ),
+}
+_LATERALITY = {
+    "R": hd.sr.CodedConcept("24028007", "SCT", "Right"),
+    "L": hd.sr.CodedConcept("7771000", "SCT", "Left"),
+}
+# Modalities for which highdicom adds the projection radiography descriptors (TID 1603).
+_PROJECTION = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")
+_IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
+_UNDETERMINED = hd.sr.CodedConcept(*UNDETERMINED)
+_PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
+_CERTAINTY = hd.sr.CodedConcept.from_code(codes.DCM.CertaintyOfFinding)
+
+
+def build_structured_report(
+    prediction: Prediction,
+    sources: Sequence[Dataset],
+    secondary_captures: Sequence[Dataset],
+    *,
+    series_number: int = 9001,
+    instance_uid: str | None = None,
+    series_uid: str | None = None,
+    now: dt.datetime | None = None,
+) -> Dataset:
+    """Build the TID 1500 Comprehensive 3D SR of one study's prediction for one task.
+
+    Parameters
+    ----------
+    prediction : Prediction
+        Per-view probabilities, the fused result (if any), the classes and the model.
+    sources : Sequence[pydicom.Dataset]
+        The analysed source images, in the order of ``prediction.views``. The first one gives
+        the patient and study attributes (copied; missing Type 2 attributes become empty).
+    secondary_captures : Sequence[pydicom.Dataset]
+        The Secondary Captures made for this prediction; listed as evidence with the sources.
+    series_number : int
+        Series Number of the SR (high, so it sorts after the radiographs).
+    instance_uid, series_uid : str, optional
+        SOP Instance UID and Series Instance UID; new UIDs when not given.
+    now : datetime.datetime, optional
+        Content, series and instance creation time; ``datetime.now()`` when not given.
+
+    Returns
+    -------
+    pydicom.Dataset
+        A highdicom ``Comprehensive3DSR`` with file meta information (Explicit VR Little
+        Endian), ready to ``save_as(..., enforce_file_format=True)``.
+
+    Raises
+    ------
+    EncodeError
+        When the sources do not match the prediction's views, a code is too long, the task
+        is unknown, or highdicom rejects a value.
+    """
+    _check(prediction, sources)
+    now = now or dt.datetime.now()
+    instance_uid = instance_uid or generate_uid()
+    series_uid = series_uid or generate_uid()
+    model = prediction.model
+    headers = [patient_study_header(source) for source in sources]
+    try:
+        groups = [
+            _group(
+                prediction,
+                probabilities=view.probabilities,
+                identifier=f"{prediction.task} {view.view.view} image {index + 1}",
+                tracking_uid=_tracking_uid(instance_uid, index),
+                lateralities=[laterality_of(source) or view.view.laterality],
+                images=[source],
+            )
+            for index, (view, source) in enumerate(zip(prediction.views, sources, strict=True))
+        ]
+        if prediction.fused_probabilities is not None:
+            views = "+".join(view.view.view for view in prediction.views)
+            groups.append(
+                _group(
+                    prediction,
+                    probabilities=prediction.fused_probabilities,
+                    identifier=f"{prediction.task} study-level {views} fused",
+                    tracking_uid=_tracking_uid(instance_uid, len(groups)),
+                    lateralities=[
+                        laterality_of(source) or view.view.laterality
+                        for view, source in zip(prediction.views, sources, strict=True)
+                    ],
+                    images=list(sources),
+                )
+            )
+        observer = hd.sr.ObserverContext(
+            observer_type=codes.cid270.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=model.device_uid,
+                name=model.name,
+                manufacturer_name=model.manufacturer,
+                model_name=model.name,
+            ),
+        )
+        content = hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+            procedure_reported=_IMAGING_PROCEDURE,
+            imaging_measurements=groups,
+            referenced_images=[_library_entry(header) for header in headers],
+        )
+        # highdicom logs a patient name it finds suspicious: it never sees the name; the
+        # name is copied onto the finished SR below.
+        first = patient_study_header(headers[0])
+        first.PatientName = ""
+        report = hd.sr.Comprehensive3DSR(
+            evidence=[first, *sources[1:], *secondary_captures],
+            content=content[0],
+            series_instance_uid=series_uid,
+            series_number=series_number,
+            sop_instance_uid=instance_uid,
+            instance_number=1,
+            manufacturer=model.manufacturer,
+            is_complete=True,
+            is_final=False,
+            is_verified=False,
+            contributing_equipment=[algorithm_equipment(model, now)],
+            series_description=series_description(prediction.task, "SR", model.demo),
+            manufacturer_model_name=model.name,
+            software_versions=model.version,
+            content_date=now.date(),
+            content_time=now.time(),
+            series_date=now.date(),
+            series_time=now.time(),
+            coding_schemes=_coding_schemes(prediction.classes),
+        )
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise EncodeError(f"cannot build the structured report: {error}") from error
+    report.PatientName = headers[0].PatientName
+    pin_contribution_time(report, now)
+    report.InstanceCreationDate = DA(now.date())
+    report.InstanceCreationTime = TM(now.time())
+    log.info(
+        "structured report built",
+        extra={
+            "sop_instance_uid": instance_uid,
+            "study_instance_uid": prediction.study_instance_uid,
+            "groups": len(groups),
+        },
+    )
+    return report
+
+
+def _check(prediction: Prediction, sources: Sequence[Dataset]) -> None:
+    if prediction.task not in _TASKS:
+        raise EncodeError(f"unknown task {prediction.task!r}; tasks are {sorted(_TASKS)}")
+    if not sources:
+        raise EncodeError("no source image: an SR needs at least one analysed image")
+    if len(sources) != len(prediction.views):
+        raise EncodeError(f"{len(sources)} source(s) for {len(prediction.views)} predicted view(s)")
+    for index, (view, source) in enumerate(zip(prediction.views, sources, strict=True)):
+        if view.view.instance.sop_instance_uid != source.SOPInstanceUID:
+            raise EncodeError(
+                f"source {index} is {source.SOPInstanceUID}, "
+                f"view {index} predicts {view.view.instance.sop_instance_uid}"
+            )
+    counts = {len(view.probabilities) for view in prediction.views}
+    if prediction.fused_probabilities is not None:
+        counts.add(len(prediction.fused_probabilities))
+    if counts != {len(prediction.classes)}:
+        raise EncodeError(
+            f"{len(prediction.classes)} classes but probability vectors of lengths {counts}"
+        )
+    for info in prediction.classes:
+        if len(info.code_value) > _CODE_VALUE_MAX:
+            raise EncodeError(
+                f"class {info.name!r}: CodeValue {info.code_value!r} is longer than "
+                f"{_CODE_VALUE_MAX} characters (it would become LongCodeValue)"
+            )
+        if not 0 < len(info.code_meaning) <= _CODE_MEANING_MAX:
+            raise EncodeError(
+                f"class {info.name!r}: CodeMeaning must have 1 to {_CODE_MEANING_MAX} characters"
+            )
+
+
+def _group(
+    prediction: Prediction,
+    *,
+    probabilities: Sequence[float],
+    identifier: str,
+    tracking_uid: str,
+    lateralities: Sequence[str | None],
+    images: Sequence[Dataset],
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """One TID 1501 group: finding, site, algorithm, predicted class, certainty, probabilities."""
+    task = _TASKS[prediction.task]
+    best = max(range(len(probabilities)), key=lambda index: probabilities[index])
+    certainty = float(probabilities[best])
+    if prediction.abstained or certainty < prediction.threshold:
+        value = _UNDETERMINED
+    else:
+        value = _coded(prediction.classes[best])
+    # The study-level group has a side only when every image shows the same one.
+    sides = set(lateralities)
+    side = _LATERALITY.get(sides.pop() or "") if len(sides) == 1 else None
+    measurements = [_percent(_CERTAINTY, certainty)]
+    measurements += [
+        _percent(_coded(info), probability)
+        for info, probability in zip(prediction.classes, probabilities, strict=True)
+    ]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier),
+        finding_type=task.finding,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=task.site, laterality=side)],
+        algorithm_id=hd.sr.AlgorithmIdentification(
+            name=prediction.model.name, version=prediction.model.version
+        ),
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=task.evaluation, value=value)],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup.from_source_image(image) for image in images
+        ],
+    )
+
+
+def _percent(name: hd.sr.CodedConcept, probability: float) -> hd.sr.Measurement:
+    return hd.sr.Measurement(name=name, value=round(100.0 * float(probability), 2), unit=_PERCENT)
+
+
+def _coded(info: ClassInfo) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(info.code_value, info.coding_scheme, info.code_meaning)
+
+
+def _tracking_uid(instance_uid: str, index: int) -> str:
+    return str(generate_uid(entropy_srcs=[instance_uid, "tracking", str(index)]))
+
+
+def _library_entry(header: Dataset) -> Dataset:
+    """The attributes highdicom's Image Library reads, tolerant of a sparse source.
+
+    highdicom picks the projection-radiography descriptors (TID 1603) by Modality and then
+    requires Patient Orientation and Imager Pixel Spacing; without them the image is listed
+    with the common descriptors only (the coded modality still comes from the SOP class).
+    Other modalities are listed with the common descriptors too.
+    """
+    entry = Dataset()
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
+        if keyword in header:
+            setattr(entry, keyword, header[keyword].value)
+    spacing = header.get("ImagerPixelSpacing") or header.get("PixelSpacing")
+    orientation = header.get("PatientOrientation")
+    orientation_ok = orientation is not None and len(orientation) == 2 and all(orientation)
+    modality = header.get("Modality")
+    if modality in _PROJECTION and spacing is not None and len(spacing) == 2 and orientation_ok:
+        entry.Modality = modality
+        entry.ImagerPixelSpacing = spacing
+        entry.PatientOrientation = orientation
+    else:
+        entry.Modality = "OT"
+    return entry
+
+
+def _coding_schemes(classes: Sequence[ClassInfo]) -> list[CodingSchemeIdentificationItem]:
+    """The private schemes used: ours (always, for concept names) and any other "99" one."""
+    private = {PRIVATE_SCHEME} | {
+        info.coding_scheme for info in classes if info.coding_scheme.startswith("99")
+    }
+    return [
+        CodingSchemeIdentificationItem(
+            designator=designator,
+            name="orthonode private codes" if designator == PRIVATE_SCHEME else designator,
+            responsible_organization="orthonode project",
+        )
+        for designator in sorted(private)
+    ]

@@ -1,0 +1,177 @@
+"""The SR and Secondary Captures pass the external validators OUTPUTS.md names.
+
+dciodvfy (SR and each SC), dcentvfy (sources + SR + SCs: one patient, one study), dsrdump (SR
+relationship rules) and pixelmed's DicomSRValidator (the validator IHE uses for AI Results).
+Each prints no line starting with "Error". Cases: knee (AP + LAT + fused), hip (one view,
+positive and abstained), spine (AP + LAT + fused), and a sparse source.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_node.models.codes import classes_for
+from tests.conftest import make_set, require_tool
+from tests.unit.test_encode import (
+    Case,
+    build_case,
+    make_prediction,
+    read_sources,
+    sparse,
+    standard_case,
+)
+
+pytestmark = pytest.mark.integration
+
+PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")
+JAVA_XML_LIMITS = [
+    "-Djdk.xml.xpathExprOpLimit=0",
+    "-Djdk.xml.xpathExprGrpLimit=0",
+    "-Djdk.xml.xpathTotalOpLimit=0",
+]
+CASES = ("knee", "hip", "hip-abstained", "spine", "sparse")
+
+
+def _errors(output: str) -> list[str]:
+    return [line for line in output.splitlines() if line.startswith("Error")]
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def _sparse_case(folder: Path) -> Case:
+    """Knee AP + LAT whose sources lack PatientID, StudyID, AccessionNumber, StudyDate/Time."""
+    sources, paths, rows = read_sources(folder)
+    thin = [sparse(ds) for ds in sources]
+    n = len(classes_for("knee"))
+    probabilities = [tuple(0.5 if i == 3 else 0.1 for i in range(n))] * 2
+    prediction = make_prediction(
+        "knee", thin, paths, [row["view"] for row in rows], probabilities, probabilities[0]
+    )
+    return build_case(thin, paths, prediction)
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, list[Path]]]:
+    """Per case: the source files, the SR file and the SC files, written to disk."""
+    root = tmp_path_factory.mktemp("encode-validators")
+    sets = {task: make_set(root, task, task=task, patients=1, seed=4) for task in ("knee", "hip")}
+    sets["spine"] = make_set(root, "spine", task="spine", patients=1, seed=4)
+    cases = {
+        "knee": standard_case(sets["knee"], "knee"),
+        "hip": standard_case(sets["hip"], "hip"),
+        "hip-abstained": standard_case(sets["hip"], "hip", abstain=True),
+        "spine": standard_case(sets["spine"], "spine"),
+        "sparse": _sparse_case(sets["knee"]),
+    }
+    assert cases["hip-abstained"].prediction.abstained
+    out: dict[str, dict[str, list[Path]]] = {}
+    for name, case in cases.items():
+        folder = root / "out" / name
+        folder.mkdir(parents=True)
+        sources = []
+        for index, ds in enumerate(case.sources):
+            path = folder / f"source{index}.dcm"
+            copy.deepcopy(ds).save_as(path, enforce_file_format=True)
+            sources.append(path)
+        report = folder / "sr.dcm"
+        case.report.save_as(report, enforce_file_format=True)
+        captures = []
+        for index, sc in enumerate(case.secondary_captures):
+            path = folder / f"sc{index}.dcm"
+            sc.save_as(path, enforce_file_format=True)
+            captures.append(path)
+        out[name] = {"sources": sources, "sr": [report], "sc": captures}
+    return out
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dciodvfy_reports_no_error(written: dict[str, dict[str, list[Path]]], case: str) -> None:
+    dciodvfy = require_tool("dciodvfy")
+    files = written[case]
+    assert len(files["sc"]) == len(files["sources"]) >= 1
+    for path in [*files["sr"], *files["sc"]]:
+        result = _run([dciodvfy, str(path)])
+        assert _errors(result.stdout + result.stderr) == [], path.name
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dcentvfy_finds_one_patient_and_study(
+    written: dict[str, dict[str, list[Path]]], case: str
+) -> None:
+    dcentvfy = require_tool("dcentvfy")
+    files = written[case]
+    paths = [*files["sources"], *files["sr"], *files["sc"]]
+    result = _run([dcentvfy, *map(str, paths)])
+    assert _errors(result.stdout + result.stderr) == []
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_dsrdump_accepts_the_sr(written: dict[str, dict[str, list[Path]]], case: str) -> None:
+    dsrdump = require_tool("dsrdump")
+    result = _run([dsrdump, "-q", str(written[case]["sr"][0])])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Imaging Measurement Report" in result.stdout
+
+
+def _pixelmed() -> tuple[str, Path]:
+    java = require_tool("java")
+    if not PIXELMED_JAR.exists():
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{PIXELMED_JAR} is missing, and CI=true requires it (pixelmed-apps)")
+        pytest.skip(f"{PIXELMED_JAR} not installed (set CI=true to make this a failure)")
+    return java, PIXELMED_JAR
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_pixelmed_sr_validator_reports_no_error(
+    written: dict[str, dict[str, list[Path]]], case: str
+) -> None:
+    java, jar = _pixelmed()
+    command = [
+        java,
+        *JAVA_XML_LIMITS,
+        "-cp",
+        str(jar),
+        "com.pixelmed.validate.DicomSRValidator",
+        str(written[case]["sr"][0]),
+    ]
+    result = _run(command)
+    output = result.stdout + result.stderr
+    assert "Found Root Template TID_1500" in output, output  # it really validated
+    assert _errors(output) == [], output
+
+
+def test_dciodvfy_catches_an_rgb_sc_with_a_missing_attribute(
+    written: dict[str, dict[str, list[Path]]], tmp_path: Path
+) -> None:
+    """The check itself can fail: drop a Type 1 attribute and dciodvfy reports it."""
+    dciodvfy = require_tool("dciodvfy")
+    ds = pydicom.dcmread(written["knee"]["sc"][0])
+    del ds.ConversionType
+    broken = tmp_path / "broken.dcm"
+    ds.save_as(broken, enforce_file_format=True)
+    result = _run([dciodvfy, str(broken)])
+    assert _errors(result.stdout + result.stderr)
+
+
+def test_dcentvfy_catches_a_different_patient(
+    written: dict[str, dict[str, list[Path]]], tmp_path: Path
+) -> None:
+    """The check itself can fail: an SC naming another patient is an Error."""
+    dcentvfy = require_tool("dcentvfy")
+    files = written["knee"]
+    ds = pydicom.dcmread(files["sc"][0])
+    ds.PatientID = "SOMEONE-ELSE"
+    other = tmp_path / "other.dcm"
+    ds.save_as(other, enforce_file_format=True)
+    result = _run([dcentvfy, *map(str, [*files["sources"], *files["sr"], other])])
+    assert _errors(result.stdout + result.stderr)

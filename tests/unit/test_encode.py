@@ -1,0 +1,700 @@
+"""Unit tests of the encoders: the TID 1500 SR and the saliency Secondary Capture.
+
+Every object is written to bytes and read back with pydicom's strict reading mode; the SR is
+read back with highdicom and each measurement group checked against the prediction.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import datetime as dt
+import io
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node.domain import (
+    ClassInfo,
+    Explanation,
+    InstanceRef,
+    ModelInfo,
+    Prediction,
+    RoutedView,
+    ViewPrediction,
+)
+from dicom_node.encode import build_secondary_capture, build_structured_report
+from dicom_node.encode.sc import BANNER, DEMO_BANNER, burned_in_text
+from dicom_node.errors import EncodeError
+from dicom_node.models.codes import PRIVATE_SCHEME, classes_for
+from dicom_node.preprocess import display_image
+from tests.conftest import make_set
+
+NOW = dt.datetime(2025, 3, 4, 5, 6, 7)
+DEVICE_UID = "1.2.826.0.1.3680043.8.498.424242"
+UNDETERMINED = "373068000"
+
+
+@dataclass
+class Case:
+    """Sources, prediction and the objects built from them."""
+
+    sources: list[Dataset]
+    paths: list[Path]
+    prediction: Prediction
+    displays: list[np.ndarray]
+    heatmaps: list[np.ndarray]
+    secondary_captures: list[Dataset]
+    report: Dataset
+
+
+# -- building cases --------------------------------------------------------------------------
+def read_sources(folder: Path) -> tuple[list[Dataset], list[Path], list[dict[str, str]]]:
+    """The phantom set's files, in manifest order (AP before LAT)."""
+    with (folder / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    paths = [folder / row["path"] for row in rows]
+    return [pydicom.dcmread(path) for path in paths], paths, rows
+
+
+def peaked(n_classes: int, index: int, top: float) -> tuple[float, ...]:
+    """Probabilities with ``top`` on ``index`` and the rest shared equally."""
+    rest = (1.0 - top) / (n_classes - 1)
+    return tuple(top if i == index else rest for i in range(n_classes))
+
+
+def make_prediction(
+    task: str,
+    sources: Sequence[Dataset],
+    paths: Sequence[Path],
+    views: Sequence[str],
+    probabilities: Sequence[tuple[float, ...]],
+    fused: tuple[float, ...] | None,
+    *,
+    threshold: float = 0.5,
+    demo: bool = True,
+    classes: tuple[ClassInfo, ...] | None = None,
+) -> Prediction:
+    view_predictions = []
+    for ds, path, view, probs in zip(sources, paths, views, probabilities, strict=True):
+        instance = InstanceRef(
+            sop_instance_uid=ds.SOPInstanceUID,
+            sop_class_uid=ds.SOPClassUID,
+            study_instance_uid=ds.StudyInstanceUID,
+            series_instance_uid=ds.SeriesInstanceUID,
+            path=path,
+        )
+        side = ds.get("ImageLaterality")
+        routed = RoutedView(instance, task, view, side if side in ("R", "L") else None)
+        view_predictions.append(ViewPrediction(routed, probs))
+    model = ModelInfo(
+        name=f"orthonode {task} classifier",
+        version="0.3.1",
+        device_uid=DEVICE_UID,
+        demo=demo,
+    )
+    return Prediction(
+        study_instance_uid=sources[0].StudyInstanceUID,
+        task=task,
+        classes=classes or classes_for(task),
+        views=tuple(view_predictions),
+        fused_probabilities=fused,
+        threshold=threshold,
+        model=model,
+    )
+
+
+def blob(rows: int, columns: int, centre: tuple[float, float], sigma: float) -> np.ndarray:
+    """A gaussian heatmap peaking at 1 on ``centre`` (row, column)."""
+    yy, xx = np.mgrid[:rows, :columns].astype(np.float32)
+    heat = np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * sigma**2))
+    return heat.astype(np.float32)
+
+
+def build_case(
+    sources: list[Dataset], paths: list[Path], prediction: Prediction, *, method: str = "Grad-CAM"
+) -> Case:
+    displays, heatmaps, captures = [], [], []
+    series_uid = pydicom.uid.generate_uid()
+    for number, (ds, view) in enumerate(zip(sources, prediction.views, strict=True), start=1):
+        display = display_image(ds)
+        heat = blob(ds.Rows, ds.Columns, (ds.Rows / 2, ds.Columns / 2), ds.Rows / 12)
+        explanation = Explanation(view=view.view, heatmap=heat, method=method)
+        captures.append(
+            build_secondary_capture(
+                ds,
+                display,
+                explanation,
+                prediction,
+                instance_number=number,
+                series_uid=series_uid,
+                now=NOW,
+            )
+        )
+        displays.append(display)
+        heatmaps.append(heat)
+    report = build_structured_report(prediction, sources, captures, now=NOW)
+    return Case(sources, paths, prediction, displays, heatmaps, captures, report)
+
+
+def standard_case(folder: Path, task: str, *, abstain: bool = False, fuse: bool = True) -> Case:
+    """Knee/spine: AP + LAT (+ fused); hip: one AP view, positive (loose) or abstained."""
+    sources, paths, rows = read_sources(folder)
+    views = [row["view"] for row in rows]
+    n = len(classes_for(task))
+    if abstain:
+        probabilities = [peaked(n, 1, 0.4 if n > 2 else 0.55) for _ in sources]
+    else:
+        probabilities = [peaked(n, 1, 0.8 + 0.05 * i) for i in range(len(sources))]
+    fused = None
+    if fuse and len(sources) > 1:
+        fused = peaked(n, 1, 0.4) if abstain else peaked(n, 1, 0.9)
+    prediction = make_prediction(task, sources, paths, views, probabilities, fused, threshold=0.6)
+    return build_case(sources, paths, prediction)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+@pytest.fixture
+def strict_reading() -> Iterator[None]:
+    """pydicom's strict reading mode, restored afterwards."""
+    previous = pydicom.config.settings.reading_validation_mode
+    pydicom.config.settings.reading_validation_mode = pydicom.config.RAISE
+    try:
+        yield
+    finally:
+        pydicom.config.settings.reading_validation_mode = previous
+
+
+def to_bytes(ds: Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def roundtrip(ds: Dataset) -> Dataset:
+    """Write and read back (call under the strict_reading fixture)."""
+    read = pydicom.dcmread(io.BytesIO(to_bytes(ds)))
+    for element in read.iterall():  # strict mode validates values as they are accessed
+        _ = element.value
+    return read
+
+
+def walk(ds: Dataset) -> Iterator[Dataset]:
+    yield ds
+    for element in ds:
+        if element.VR == "SQ":
+            for item in element.value:
+                yield from walk(item)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("encode-phantoms")
+    return {task: make_set(root, task, task=task, patients=1, seed=1) for task in TASKS}
+
+
+TASKS = ("knee", "hip", "spine")
+FINDINGS = {"knee": "40388003", "hip": "53350007", "spine": "68183006"}
+SITES = {"knee": "49076000", "hip": "24136001", "spine": "122496007"}
+
+
+def expected_group(prediction: Prediction, probabilities: Sequence[float]) -> tuple[str, float]:
+    best = int(np.argmax(probabilities))
+    certainty = float(max(probabilities))
+    undetermined = prediction.abstained or certainty < prediction.threshold
+    code = UNDETERMINED if undetermined else prediction.classes[best].code_value
+    return code, round(100 * certainty, 2)
+
+
+def read_report(ds: Dataset) -> hd.sr.MeasurementReport:
+    """The SR's content as highdicom reads it back from bytes."""
+    report = hd.sr.srread(io.BytesIO(to_bytes(ds)))
+    assert isinstance(report, hd.sr.Comprehensive3DSR)
+    content = report.content
+    assert isinstance(content, hd.sr.MeasurementReport)
+    return content
+
+
+def measurement_groups(ds: Dataset) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
+    return list(read_report(ds).get_image_measurement_groups())
+
+
+def evaluation(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> hd.sr.CodedConcept:
+    """The value of the group's one qualitative evaluation."""
+    (item,) = group.get_qualitative_evaluations()
+    value = item[0].value
+    assert isinstance(value, hd.sr.CodedConcept)
+    return value
+
+
+# -- SR ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("task", TASKS)
+def test_sr_groups_carry_the_predicted_class_and_certainty(
+    phantoms: dict[str, Path], task: str, strict_reading: None
+) -> None:
+    case = standard_case(phantoms[task], task)
+    roundtrip(case.report)
+    groups = measurement_groups(case.report)
+    prediction = case.prediction
+    expected = [expected_group(prediction, v.probabilities) for v in prediction.views]
+    if prediction.fused_probabilities is not None:
+        expected.append(expected_group(prediction, prediction.fused_probabilities))
+    assert len(groups) == len(expected)
+    tracking_uids = set()
+    for index, (group, (code, certainty)) in enumerate(zip(groups, expected, strict=True)):
+        assert evaluation(group).value == code
+        assert code != UNDETERMINED  # the positive case must name a class
+        certainties = group.get_measurements(name=codes.DCM.CertaintyOfFinding)
+        assert len(certainties) == 1
+        assert certainties[0].value == pytest.approx(certainty, abs=0.01)
+        assert certainties[0].unit.value == "%" and certainties[0].unit.scheme_designator == "UCUM"
+        probabilities = (
+            prediction.views[index].probabilities
+            if index < len(prediction.views)
+            else prediction.fused_probabilities
+        )
+        assert probabilities is not None
+        for info, probability in zip(prediction.classes, probabilities, strict=True):
+            name = hd.sr.CodedConcept(info.code_value, info.coding_scheme, info.code_meaning)
+            (measurement,) = group.get_measurements(name=name)
+            assert measurement.value == pytest.approx(100 * probability, abs=0.01)
+            assert 0 <= measurement.value <= 100
+        assert group.finding_type is not None and group.finding_type.value == FINDINGS[task]
+        (site,) = group.finding_sites
+        assert site.value.value == SITES[task]
+        assert group.tracking_identifier and group.tracking_uid
+        tracking_uids.add(group.tracking_uid)
+        if index < len(case.sources):
+            (image,) = group.source_images
+            assert image.referenced_sop_instance_uid == case.sources[index].SOPInstanceUID
+        else:
+            referenced = {image.referenced_sop_instance_uid for image in group.source_images}
+            assert referenced == {ds.SOPInstanceUID for ds in case.sources}
+    assert len(tracking_uids) == len(groups)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_sr_laterality_follows_the_source(phantoms: dict[str, Path], task: str) -> None:
+    case = standard_case(phantoms[task], task)
+    for group, source in zip(measurement_groups(case.report), case.sources, strict=False):
+        (site,) = group.finding_sites
+        expected = {"R": "24028007", "L": "7771000"}.get(source.get("ImageLaterality", ""))
+        laterality = site.laterality.value if site.laterality is not None else None
+        assert laterality == expected
+
+
+def test_fused_group_present_iff_fused_probabilities(phantoms: dict[str, Path]) -> None:
+    fused = standard_case(phantoms["knee"], "knee", fuse=True)
+    unfused = standard_case(phantoms["knee"], "knee", fuse=False)
+    assert len(measurement_groups(fused.report)) == 3
+    assert len(measurement_groups(unfused.report)) == 2
+    study_group = measurement_groups(fused.report)[-1]
+    assert "fused" in (study_group.tracking_identifier or "")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_abstained_prediction_is_undetermined(phantoms: dict[str, Path], task: str) -> None:
+    case = standard_case(phantoms[task], task, abstain=True)
+    assert case.prediction.abstained
+    for group in measurement_groups(case.report):
+        assert evaluation(group).value == UNDETERMINED
+        assert evaluation(group).scheme_designator == "SCT"
+        (certainty,) = group.get_measurements(name=codes.DCM.CertaintyOfFinding)
+        assert 0 < certainty.value < 100 * case.prediction.threshold
+
+
+def test_confident_study_with_an_unsure_view(phantoms: dict[str, Path]) -> None:
+    """Only the group below the threshold is undetermined when the study is confident."""
+    sources, paths, rows = read_sources(phantoms["knee"])
+    n = len(classes_for("knee"))
+    prediction = make_prediction(
+        "knee",
+        sources,
+        paths,
+        [row["view"] for row in rows],
+        [peaked(n, 2, 0.9), peaked(n, 2, 0.3)],
+        peaked(n, 2, 0.8),
+        threshold=0.6,
+    )
+    report = build_structured_report(prediction, sources, [], now=NOW)
+    values = [evaluation(group).value for group in measurement_groups(report)]
+    code = prediction.classes[2].code_value
+    assert values == [code, UNDETERMINED, code]
+
+
+@pytest.mark.parametrize("demo", [True, False])
+def test_sr_document_attributes(
+    phantoms: dict[str, Path], demo: bool, strict_reading: None
+) -> None:
+    sources, paths, rows = read_sources(phantoms["knee"])
+    n = len(classes_for("knee"))
+    prediction = make_prediction(
+        "knee",
+        sources,
+        paths,
+        [row["view"] for row in rows],
+        [peaked(n, 0, 0.7), peaked(n, 0, 0.8)],
+        peaked(n, 0, 0.75),
+        demo=demo,
+    )
+    case = build_case(sources, paths, prediction)
+    sr = roundtrip(case.report)
+    source = sources[0]
+    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"
+    assert sr.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+    assert sr.Modality == "SR"
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SeriesInstanceUID not in {ds.SeriesInstanceUID for ds in sources}
+    assert sr.SeriesInstanceUID != case.secondary_captures[0].SeriesInstanceUID
+    assert sr.SeriesNumber == 9001
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID"):
+        assert sr[keyword].value == source[keyword].value, keyword
+    assert sr.AccessionNumber == source.AccessionNumber
+    assert "knee" in sr.SeriesDescription and "NOT FOR DIAGNOSTIC USE" in sr.SeriesDescription
+    assert ("DEMO WEIGHTS" in sr.SeriesDescription) is demo
+    assert len(sr.SeriesDescription) <= 64
+    assert (sr.CompletionFlag, sr.VerificationFlag, sr.PreliminaryFlag) == (
+        "COMPLETE",
+        "UNVERIFIED",
+        "PRELIMINARY",
+    )
+    assert sr.ContentDate == "20250304" and sr.ContentTime.startswith("050607")
+    assert sr.InstanceCreationDate == "20250304"
+    assert sr.ConceptNameCodeSequence[0].CodeValue == "126000"
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    schemes = {item.CodingSchemeDesignator for item in sr.CodingSchemeIdentificationSequence}
+    assert PRIVATE_SCHEME in schemes
+    (algorithm,) = [item for item in sr.ContributingEquipmentSequence if "DeviceUID" in item]
+    assert algorithm.DeviceUID == DEVICE_UID
+    assert algorithm.ManufacturerModelName == prediction.model.name
+    assert algorithm.SoftwareVersions == prediction.model.version
+    assert algorithm.Manufacturer == prediction.model.manufacturer
+
+
+def test_sr_observer_procedure_and_algorithm(phantoms: dict[str, Path]) -> None:
+    case = standard_case(phantoms["knee"], "knee")
+    (observer,) = read_report(case.report).get_observer_contexts()
+    attributes = observer.observer_identifying_attributes
+    assert observer.observer_type.value == codes.DCM.Device.value
+    assert isinstance(attributes, hd.sr.DeviceObserverIdentifyingAttributes)
+    assert attributes.uid == DEVICE_UID
+    assert attributes.name == case.prediction.model.name
+    assert attributes.manufacturer_name == case.prediction.model.manufacturer
+    assert attributes.model_name == case.prediction.model.name
+    root = case.report.ContentSequence
+    procedure = [item for item in root if item.ConceptNameCodeSequence[0].CodeValue == "121058"]
+    assert procedure[0].ConceptCodeSequence[0].CodeValue == "363679005"
+    library = [item for item in root if item.ConceptNameCodeSequence[0].CodeValue == "111028"]
+    listed = {
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for entry in library
+        for item in walk(entry)
+        if "ReferencedSOPSequence" in item
+    }
+    assert listed == {ds.SOPInstanceUID for ds in case.sources}
+    texts = {
+        item.ConceptNameCodeSequence[0].CodeValue: item.TextValue
+        for item in walk(case.report)
+        if item.get("ValueType") == "TEXT"
+    }
+    assert texts["111001"] == case.prediction.model.name
+    assert texts["111003"] == case.prediction.model.version
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_no_long_code_value_anywhere(phantoms: dict[str, Path], task: str) -> None:
+    case = standard_case(phantoms[task], task)
+    for ds in [case.report, *case.secondary_captures]:
+        for item in walk(ds):
+            assert "LongCodeValue" not in item
+            if "CodeValue" in item:
+                assert 0 < len(item.CodeValue) <= 16
+            if "CodeMeaning" in item:
+                assert len(item.CodeMeaning) <= 64
+
+
+def test_evidence_lists_sources_and_secondary_captures(phantoms: dict[str, Path]) -> None:
+    case = standard_case(phantoms["spine"], "spine")
+    report = hd.sr.srread(io.BytesIO(to_bytes(case.report)))
+    evidence = {
+        (str(sop_instance), str(sop_class))
+        for _, _, sop_instance, sop_class in report.get_evidence(current_procedure_only=True)
+    }
+    expected = {
+        (ds.SOPInstanceUID, ds.SOPClassUID) for ds in [*case.sources, *case.secondary_captures]
+    }
+    assert evidence == expected
+    assert "PertinentOtherEvidenceSequence" not in case.report
+
+
+def test_sr_rejects_a_long_code_value(phantoms: dict[str, Path]) -> None:
+    sources, paths, _ = read_sources(phantoms["hip"])
+    classes = (
+        ClassInfo(0, "well-fixed", "272519000", "SCT", "Absent"),
+        ClassInfo(1, "loose", "THIS-CODE-IS-17CH", PRIVATE_SCHEME, "Loose"),
+    )
+    prediction = make_prediction("hip", sources, paths, ["AP"], [(0.2, 0.8)], None, classes=classes)
+    with pytest.raises(EncodeError, match="THIS-CODE-IS-17CH"):
+        build_structured_report(prediction, sources, [], now=NOW)
+
+
+def test_sr_rejects_sources_that_do_not_match_the_views(phantoms: dict[str, Path]) -> None:
+    sources, paths, rows = read_sources(phantoms["knee"])
+    n = len(classes_for("knee"))
+    prediction = make_prediction(
+        "knee",
+        sources,
+        paths,
+        [row["view"] for row in rows],
+        [peaked(n, 0, 0.9)] * 2,
+        None,
+    )
+    with pytest.raises(EncodeError, match="source 0"):
+        build_structured_report(prediction, list(reversed(sources)), [], now=NOW)
+    with pytest.raises(EncodeError, match="1 source"):
+        build_structured_report(prediction, sources[:1], [], now=NOW)
+
+
+def test_outputs_are_deterministic_for_the_same_uids_and_time(phantoms: dict[str, Path]) -> None:
+    sources, paths, _ = read_sources(phantoms["hip"])
+    prediction = make_prediction("hip", sources, paths, ["AP"], [(0.3, 0.7)], None)
+    heat = blob(sources[0].Rows, sources[0].Columns, (100, 100), 20)
+    explanation = Explanation(prediction.views[0].view, heat)
+
+    def build() -> tuple[bytes, bytes]:
+        sc = build_secondary_capture(
+            sources[0],
+            display_image(sources[0]),
+            explanation,
+            prediction,
+            instance_uid="2.25.1",
+            series_uid="2.25.2",
+            now=NOW,
+        )
+        sr = build_structured_report(
+            prediction, sources, [sc], instance_uid="2.25.3", series_uid="2.25.4", now=NOW
+        )
+        return to_bytes(sc), to_bytes(sr)
+
+    assert build() == build()
+
+
+def sparse(source: Dataset) -> Dataset:
+    ds = copy.deepcopy(source)
+    for keyword in ("PatientID", "StudyID", "AccessionNumber", "StudyDate", "StudyTime"):
+        delattr(ds, keyword)
+    del ds.ReferringPhysicianName
+    return ds
+
+
+def test_sparse_source_is_filled_on_a_copy(phantoms: dict[str, Path], strict_reading: None) -> None:
+    sources, paths, _ = read_sources(phantoms["hip"])
+    thin = [sparse(sources[0])]
+    before = to_bytes(thin[0])
+    prediction = make_prediction("hip", thin, paths, ["AP"], [(0.1, 0.9)], None)
+    case = build_case(thin, paths, prediction)
+    assert to_bytes(thin[0]) == before  # the caller's data set is untouched
+    for ds in [case.report, *case.secondary_captures]:
+        read = roundtrip(ds)
+        for keyword in ("PatientID", "StudyID", "AccessionNumber", "StudyDate"):
+            assert keyword in read and not read[keyword].value, keyword
+        assert read.PatientName == sources[0].PatientName
+        assert read.StudyInstanceUID == sources[0].StudyInstanceUID
+
+
+def test_source_without_orientation_or_spacing_still_builds(phantoms: dict[str, Path]) -> None:
+    sources, paths, _ = read_sources(phantoms["hip"])
+    ds = copy.deepcopy(sources[0])
+    del ds.PatientOrientation, ds.ImagerPixelSpacing
+    prediction = make_prediction("hip", [ds], paths, ["AP"], [(0.1, 0.9)], None)
+    case = build_case([ds], paths, prediction)
+    assert measurement_groups(case.report)
+    assert case.secondary_captures[0].PatientOrientation == []
+
+
+def test_sr_and_sc_do_not_log_patient_identifiers(
+    phantoms: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    sources, paths, _ = read_sources(phantoms["hip"])
+    ds = copy.deepcopy(sources[0])
+    ds.PatientName = "NOCARETNAME"  # highdicom warns about (and prints) such names
+    prediction = make_prediction("hip", [ds], paths, ["AP"], [(0.1, 0.9)], None)
+    with caplog.at_level("DEBUG"):
+        case = build_case([ds], paths, prediction)
+    assert case.report.PatientName == "NOCARETNAME"
+    for record in caplog.records:
+        message = record.getMessage()
+        assert "NOCARETNAME" not in message and ds.PatientID not in message
+
+
+# -- Secondary Capture -------------------------------------------------------------------------
+@pytest.mark.parametrize("task", TASKS)
+def test_sc_attributes(phantoms: dict[str, Path], task: str, strict_reading: None) -> None:
+    case = standard_case(phantoms[task], task)
+    series = {sc.SeriesInstanceUID for sc in case.secondary_captures}
+    assert len(series) == 1 and series.isdisjoint({ds.SeriesInstanceUID for ds in case.sources})
+    for number, (sc, source) in enumerate(
+        zip(case.secondary_captures, case.sources, strict=True), start=1
+    ):
+        read = roundtrip(sc)
+        assert read.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert read.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
+        assert read.Modality == "OT"
+        assert (read.PhotometricInterpretation, read.SamplesPerPixel) == ("RGB", 3)
+        assert read.PlanarConfiguration == 0
+        assert (read.BitsAllocated, read.BitsStored, read.HighBit) == (8, 8, 7)
+        assert (read.Rows, read.Columns) == (source.Rows, source.Columns)
+        assert read.pixel_array.shape == (source.Rows, source.Columns, 3)
+        assert read.ConversionType == "WSD"
+        assert read.BurnedInAnnotation == "YES"
+        assert list(read.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
+        assert list(read.PatientOrientation) == list(source.PatientOrientation)
+        if source.ImageLaterality in ("R", "L"):
+            assert read.Laterality == source.ImageLaterality
+        else:
+            assert "Laterality" not in read
+        for keyword in (
+            "WindowCenter",
+            "WindowWidth",
+            "RescaleSlope",
+            "RescaleIntercept",
+            "RescaleType",
+            "VOILUTSequence",
+            "ModalityLUTSequence",
+            "VOILUTFunction",
+            "PresentationLUTShape",
+        ):
+            assert keyword not in read, keyword
+        assert read.StudyInstanceUID == source.StudyInstanceUID
+        assert read.SOPInstanceUID != source.SOPInstanceUID
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex"):
+            assert read[keyword].value == source[keyword].value
+        for keyword in ("StudyID", "AccessionNumber", "StudyDate", "StudyTime"):
+            assert read[keyword].value == source[keyword].value
+        assert (read.SeriesNumber, read.InstanceNumber) == (9002, number)
+        assert "NOT FOR DIAGNOSTIC USE" in read.SeriesDescription
+        (reference,) = read.SourceImageSequence
+        assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert reference.ReferencedSOPClassUID == source.SOPClassUID
+        assert reference.PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+        assert reference.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator == "DCM"
+        (image,) = read.ReferencedImageSequence
+        assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert read.ContentDate == "20250304" and read.DateOfSecondaryCapture == "20250304"
+        (algorithm,) = [item for item in read.ContributingEquipmentSequence if "DeviceUID" in item]
+        assert algorithm.DeviceUID == DEVICE_UID
+
+
+def test_sc_pixels_show_banner_heatmap_and_colour_bar(phantoms: dict[str, Path]) -> None:
+    case = standard_case(phantoms["knee"], "knee")
+    sc = case.secondary_captures[0]
+    rgb = sc.pixel_array.astype(int)
+    grey = np.rint(case.displays[0] * 255).astype(int)
+    rows, columns = grey.shape
+    # Banner: the top strip was darkened and written on.
+    top = rgb[: rows // 16]
+    assert np.abs(top - grey[: rows // 16, :, None]).mean() > 20
+    yellow = (top[..., 0] > 150) & (top[..., 1] > 150) & (top[..., 2] < 100)
+    assert yellow.sum() > 20  # the banner text
+    # Heatmap: coloured at the blob's centre ...
+    centre = rgb[rows // 2 - 5 : rows // 2 + 5, columns // 2 - 5 : columns // 2 + 5]
+    assert (np.ptp(centre, axis=2) > 30).all()
+    # ... and plain grey far from it (left edge, mid-height: no panel, no heat).
+    assert case.heatmaps[0][rows // 2, 0] < 1e-3
+    far = rgb[rows // 3 : 2 * rows // 3, :8]
+    assert (far[..., 0] == far[..., 1]).all() and (far[..., 1] == far[..., 2]).all()
+    assert (far[..., 0] == grey[rows // 3 : 2 * rows // 3, :8]).all()
+    # Colour bar: both ends of the colour map are drawn in the bottom panel.
+    bottom = rgb[-rows // 8 :]
+    red = (bottom[..., 0] > 150) & (bottom[..., 1] < 60) & (bottom[..., 2] < 60)
+    blue = (bottom[..., 2] > 150) & (bottom[..., 0] < 60) & (bottom[..., 1] < 60)
+    assert red.sum() > 5 and blue.sum() > 5
+
+
+def test_sc_of_monochrome1_source_uses_the_displayed_image(tmp_path: Path) -> None:
+    folder = make_set(tmp_path, "m1", task="hip", patients=1, seed=2, photometric="MONOCHROME1")
+    sources, paths, _ = read_sources(folder)
+    assert sources[0].PhotometricInterpretation == "MONOCHROME1"
+    prediction = make_prediction("hip", sources, paths, ["AP"], [(0.2, 0.8)], None)
+    case = build_case(sources, paths, prediction)
+    rgb = case.secondary_captures[0].pixel_array
+    rows = rgb.shape[0]
+    far = rgb[rows // 3 : 2 * rows // 3, :8, 0].astype(int)
+    expected = np.rint(case.displays[0][rows // 3 : 2 * rows // 3, :8] * 255)
+    assert (far == expected).all()  # bright = dense, as displayed, not the stored values
+
+
+def test_burned_in_text_names_everything_but_the_patient(phantoms: dict[str, Path]) -> None:
+    for task in TASKS:
+        case = standard_case(phantoms[task], task)
+        prediction = case.prediction
+        for source, view in zip(case.sources, prediction.views, strict=True):
+            text = burned_in_text(prediction, Explanation(view.view, case.heatmaps[0]))
+            lines = [*text.banner, *text.details]
+            joined = "\n".join(lines)
+            assert text.banner[0] == BANNER == "AI-GENERATED — NOT FOR DIAGNOSTIC USE"
+            assert DEMO_BANNER in text.banner and "DEMO WEIGHTS" in DEMO_BANNER
+            top = prediction.classes[prediction.predicted_index]
+            assert top.name in joined
+            assert f"{100 * prediction.certainty:.0f}%" in joined
+            assert prediction.model.name in joined and prediction.model.version in joined
+            assert "Grad-CAM" in joined
+            identifiers = [
+                str(source.PatientName),
+                *str(source.PatientName).split("^"),
+                source.PatientID,
+                source.PatientBirthDate,
+                source.AccessionNumber,
+            ]
+            for identifier in identifiers:
+                assert identifier and identifier not in joined, identifier
+
+
+def test_burned_in_text_undetermined_and_not_demo(phantoms: dict[str, Path]) -> None:
+    case = standard_case(phantoms["hip"], "hip", abstain=True)
+    prediction = replace(case.prediction, model=replace(case.prediction.model, demo=False))
+    explanation = Explanation(prediction.views[0].view, case.heatmaps[0], "Integrated gradients")
+    text = burned_in_text(prediction, explanation)
+    joined = "\n".join([*text.banner, *text.details])
+    assert "undetermined" in text.details[0]
+    assert "Integrated gradients" in joined
+    assert "DEMO" not in joined and text.banner == (BANNER,)
+
+
+def test_sc_downscales_very_large_sources(phantoms: dict[str, Path]) -> None:
+    sources, paths, _ = read_sources(phantoms["hip"])
+    big = copy.deepcopy(sources[0])
+    del big.PixelData  # only the geometry is read; the display is passed in
+    big.Rows, big.Columns = 4100, 1000
+    prediction = make_prediction("hip", [big], paths, ["AP"], [(0.2, 0.8)], None)
+    display = np.linspace(0, 1, 4100 * 1000, dtype=np.float32).reshape(4100, 1000)
+    heat = blob(4100, 1000, (2050, 500), 200)
+    sc = build_secondary_capture(
+        big, display, Explanation(prediction.views[0].view, heat), prediction, now=NOW
+    )
+    assert (sc.Rows, sc.Columns) == (1367, 334)  # factor 3, rounded up
+    assert "downscaled by 3" in sc.DerivationDescription
+    assert sc.pixel_array.shape == (1367, 334, 3)
+
+
+def test_sc_rejects_a_heatmap_off_the_grid_or_of_another_image(phantoms: dict[str, Path]) -> None:
+    sources, paths, _ = read_sources(phantoms["hip"])
+    prediction = make_prediction("hip", sources, paths, ["AP"], [(0.2, 0.8)], None)
+    display = display_image(sources[0])
+    wrong = Explanation(prediction.views[0].view, np.zeros((10, 10), dtype=np.float32))
+    with pytest.raises(EncodeError, match="heatmap"):
+        build_secondary_capture(sources[0], display, wrong, prediction)
+    right = Explanation(prediction.views[0].view, np.zeros_like(display))
+    with pytest.raises(EncodeError, match="display"):
+        build_secondary_capture(sources[0], display[:-1], right, prediction)
+    other = copy.deepcopy(sources[0])
+    other.SOPInstanceUID = pydicom.uid.generate_uid()
+    with pytest.raises(EncodeError, match="explanation is of"):
+        build_secondary_capture(other, display, right, prediction)
