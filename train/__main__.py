@@ -13,6 +13,7 @@ __all__ = ["main"]
 def _commands() -> dict[
     str, tuple[Callable[[bool], argparse.ArgumentParser], Callable[[argparse.Namespace], int], str]
 ]:
+    from train import evaluate, fit
     from train.synth import check, figures, generate
 
     return {
@@ -21,6 +22,16 @@ def _commands() -> dict[
             check.get_args_parser,
             check.main,
             "measure a phantom set's difficulty (linear probe vs small CNN)",
+        ),
+        "fit": (
+            fit.get_args_parser,
+            fit.main,
+            "train, calibrate, fuse AP + lateral, and export a weight bundle",
+        ),
+        "evaluate": (
+            evaluate.get_args_parser,
+            evaluate.main,
+            "metrics of a bundle on a labelled set, through the node's inference",
         ),
         "synth-figures": (
             figures.get_args_parser,
