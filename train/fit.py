@@ -34,7 +34,7 @@ from torch import nn
 
 from dicom_node.models.backbones import build_backbone
 from dicom_node.models.bundle import save_bundle
-from dicom_node.models.codes import classes_for
+from dicom_node.models.codes import card_classes, classes_for
 from dicom_node.preprocess import display_image, to_model_input
 
 __all__ = ["expected_calibration_error", "get_args_parser", "main", "split_patients"]
@@ -344,15 +344,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "version": version,
         "demo": True,
         "device_uid": f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, device_key).int}",
-        "classes": [
-            {
-                "name": c.name,
-                "code_value": c.code_value,
-                "coding_scheme": c.coding_scheme,
-                "code_meaning": c.code_meaning,
-            }
-            for c in classes
-        ],
+        "classes": card_classes(task),
         "backbone": args.backbone,
         "input_size": args.size,
         "channels": channels,

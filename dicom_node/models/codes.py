@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dicom_node.domain import ClassInfo
 
-__all__ = ["PRIVATE_SCHEME", "TASK_CLASSES", "UNDETERMINED", "classes_for"]
+__all__ = ["PRIVATE_SCHEME", "TASK_CLASSES", "UNDETERMINED", "card_classes", "classes_for"]
 
 PRIVATE_SCHEME = "99ORTHONODE"
 UNDETERMINED = ("373068000", "SCT", "Undetermined")
@@ -65,3 +65,16 @@ def classes_for(task: str) -> tuple[ClassInfo, ...]:
         return TASK_CLASSES[task]
     except KeyError:
         raise ValueError(f"unknown task {task!r}; tasks are {sorted(TASK_CLASSES)}") from None
+
+
+def card_classes(task: str) -> list[dict[str, str]]:
+    """The task's classes as card.json lists them (see docs/bundles.md)."""
+    return [
+        {
+            "name": c.name,
+            "code_value": c.code_value,
+            "coding_scheme": c.coding_scheme,
+            "code_meaning": c.code_meaning,
+        }
+        for c in classes_for(task)
+    ]

@@ -33,7 +33,7 @@ from dicom_node.domain import InstanceRef, RoutedView, StudyJob
 from dicom_node.infer import Predictor
 from dicom_node.models.backbones import build_backbone
 from dicom_node.models.bundle import load_bundle, save_bundle
-from dicom_node.models.codes import TASK_CLASSES
+from dicom_node.models.codes import card_classes
 from tests.conftest import make_set, require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -177,15 +177,7 @@ class Node:
 
 def _bundle(root: Path, task: str, seed: int) -> Path:
     torch.manual_seed(seed)
-    classes = [
-        {
-            "name": c.name,
-            "code_value": c.code_value,
-            "coding_scheme": c.coding_scheme,
-            "code_meaning": c.code_meaning,
-        }
-        for c in TASK_CLASSES[task]
-    ]
+    classes = card_classes(task)
     path = root / "weights" / task
     save_bundle(
         path,

@@ -16,7 +16,7 @@ from dicom_node.cli import main as node_main
 from dicom_node.config import DestinationConfig, SendConfig
 from dicom_node.models.backbones import build_backbone
 from dicom_node.models.bundle import save_bundle
-from dicom_node.models.codes import TASK_CLASSES
+from dicom_node.models.codes import card_classes
 from dicom_node.receive import ScpSettings, StorageScp
 from dicom_node.send import Sender
 from dicom_node.store import Spool
@@ -70,15 +70,7 @@ def test_check_config_names_the_missing_bundle(
 
 def test_check_config_lists_bundles(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     torch.manual_seed(0)
-    classes = [
-        {
-            "name": c.name,
-            "code_value": c.code_value,
-            "coding_scheme": c.coding_scheme,
-            "code_meaning": c.code_meaning,
-        }
-        for c in TASK_CLASSES["hip"]
-    ]
+    classes = card_classes("hip")
     save_bundle(
         tmp_path / "hip",
         build_backbone("mobilenet_v3_small", 2),

@@ -19,7 +19,7 @@ from dicom_node.errors import BundleError, ConfigError, StorageFullError, StoreE
 from dicom_node.infer import Predictor, fuse
 from dicom_node.models.backbones import build_backbone
 from dicom_node.models.bundle import Stacker, load_bundle, save_bundle
-from dicom_node.models.codes import TASK_CLASSES
+from dicom_node.models.codes import card_classes
 from dicom_node.preprocess import heatmap_to_source, resize_pad, to_model_input
 from dicom_node.route import normalise_body_part, normalise_view, route
 from dicom_node.send import backoff_delay
@@ -330,15 +330,7 @@ def test_outbox_retry_and_dead_letter(tmp_path: Path) -> None:
 
 # -- bundles, inference ---------------------------------------------------------------------
 def _card(task: str = "hip", **extra: object) -> dict[str, object]:
-    classes = [
-        {
-            "name": c.name,
-            "code_value": c.code_value,
-            "coding_scheme": c.coding_scheme,
-            "code_meaning": c.code_meaning,
-        }
-        for c in TASK_CLASSES[task]
-    ]
+    classes = card_classes(task)
     return {
         "task": task,
         "name": f"test {task}",

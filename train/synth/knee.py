@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from train.synth.xray import Canvas
+from train.synth.xray import Canvas, draw_family
 
 __all__ = [
     "CLASSES",
@@ -146,16 +146,10 @@ _FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def _draw(rng: np.random.Generator, spec: Any) -> Any:
-    if isinstance(spec, tuple):
-        return float(rng.uniform(spec[0], spec[1]))
-    return spec
-
-
 def sample_design(rng: np.random.Generator, label: str, scale: float) -> dict[str, Any]:
     """Draw one implant of family ``label`` for a patient of body ``scale``."""
     family = _FAMILIES[label]
-    design = {key: _draw(rng, spec) for key, spec in family.items()}
+    design = draw_family(rng, family)
     design["size"] = scale * float(rng.uniform(0.95, 1.05))  # implant size follows the bone
     design["insert"] = float(rng.uniform(8.0, 16.0))
     design["slope"] = float(rng.uniform(0.0, 7.0))

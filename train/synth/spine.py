@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from train.synth.xray import Canvas
+from train.synth.xray import Canvas, draw_family
 
 __all__ = [
     "CLASSES",
@@ -128,12 +128,6 @@ _BRANDS: dict[str, dict[str, Any]] = {
 }
 
 
-def _draw(rng: np.random.Generator, spec: Any) -> Any:
-    if isinstance(spec, tuple):
-        return float(rng.uniform(spec[0], spec[1]))
-    return spec
-
-
 def sample_anatomy(rng: np.random.Generator, scale: float) -> dict[str, Any]:
     """Vertebral size, lordosis, the instrumented levels and abdominal girth."""
     levels = int(rng.integers(2, 5))  # instrumented vertebrae
@@ -150,7 +144,7 @@ def sample_anatomy(rng: np.random.Generator, scale: float) -> dict[str, Any]:
 
 def sample_design(rng: np.random.Generator, label: str, scale: float) -> dict[str, Any]:
     """Draw one construct of brand ``label``."""
-    design = {key: _draw(rng, spec) for key, spec in _BRANDS[label].items()}
+    design = draw_family(rng, _BRANDS[label])
     design["screw_length"] = float(rng.uniform(38.0, 50.0)) * scale
     design["screw_radius"] = float(rng.uniform(2.6, 3.4)) * scale
     design["rod_radius"] = float(rng.choice([2.75, 3.0, 3.175]))

@@ -17,12 +17,13 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-__all__ = ["MATERIALS", "Acquisition", "Canvas", "expose"]
+__all__ = ["MATERIALS", "Acquisition", "Canvas", "draw_family", "expose"]
 
 #: Linear attenuation per millimetre at a typical 60–70 kVp effective energy. The values are
 #: chosen for realistic relative contrast (metal ≫ cortical bone > cancellous bone > soft tissue
@@ -40,6 +41,14 @@ MATERIALS: dict[str, float] = {
 }
 
 METALS = frozenset({"titanium", "cocr", "lead"})
+
+
+def draw_family(rng: np.random.Generator, family: dict[str, Any]) -> dict[str, Any]:
+    """One member of a design family: (low, high) tuples are drawn uniformly, others kept."""
+    return {
+        key: float(rng.uniform(spec[0], spec[1])) if isinstance(spec, tuple) else spec
+        for key, spec in family.items()
+    }
 
 
 @dataclass(frozen=True)
