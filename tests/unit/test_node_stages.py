@@ -424,3 +424,34 @@ def test_resize_pad_and_back() -> None:
     back = heatmap_to_source(square, 300, 150)
     assert back.shape == (300, 150)
     assert back[150, 75] > 0.9 and back[20, 20] < 0.1
+
+
+@pytest.mark.parametrize("method", ["gradcam", "integrated-gradients"])
+def test_explain_maps_saliency_to_the_source_grid(tmp_path: Path, method: str) -> None:
+    from dicom_node.domain import StudyJob
+    from dicom_node.explain import METHODS, explain
+
+    torch.manual_seed(2)
+    save_bundle(
+        tmp_path / "b",
+        build_backbone("orthonode_cnn", 2),
+        _card(backbone="orthonode_cnn", channels=1, normalisation="standardise"),
+    )
+    bundle = load_bundle(tmp_path / "b")
+    folder = make_set(tmp_path, "h", task="hip", patients=1, seed=5, rows=300, cols=200)
+    with (folder / "manifest.csv").open() as handle:
+        row = next(csv.DictReader(handle))
+    ref = InstanceRef(
+        row["sop_instance_uid"],
+        "1.2",
+        row["study_instance_uid"],
+        row["series_instance_uid"],
+        folder / row["path"],
+    )
+    job = StudyJob(row["study_instance_uid"], "hip", (RoutedView(ref, "hip", "AP"),))
+    [(prediction, [view])] = Predictor({"hip": bundle}).predict([job])
+    explanation = explain(bundle, view, prediction.predicted_index, method)
+    assert explanation.heatmap.shape == (300, 200)
+    assert explanation.heatmap.min() >= 0.0 and explanation.heatmap.max() <= 1.0
+    assert explanation.method == METHODS[method]
+    assert explanation.view == view.view
