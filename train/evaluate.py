@@ -24,7 +24,7 @@ from dicom_node.infer import Predictor
 from dicom_node.models.bundle import load_bundle
 from train.fit import _metrics
 
-__all__ = ["evaluate", "get_args_parser", "main"]
+__all__ = ["evaluate", "get_args_parser", "main", "to_markdown"]
 
 
 def _per_class(matrix: np.ndarray, names: list[str]) -> dict[str, dict[str, float]]:
@@ -101,6 +101,34 @@ def evaluate(bundle_path: Path, data: Path, batch: int = 32) -> dict[str, Any]:
     return report
 
 
+def to_markdown(report: dict[str, Any], title: str) -> str:
+    """The report as a markdown section: a metrics table, then per-class figures."""
+    lines = [
+        f"### {title}",
+        "",
+        f"{report['patients']} patients, data `{report['data']}`, bundle {report['bundle']}.",
+        "",
+        "| result | n | accuracy | AUC | ECE |",
+        "|---|---|---|---|---|",
+    ]
+    parts = [k for k in ("AP", "LAT", "fused") if k in report]
+    for key in parts:
+        m = report[key]
+        auc = m.get("auc", m.get("auc_macro", float("nan")))
+        lines.append(f"| {key} | {m['n']} | {m['accuracy']:.3f} | {auc:.3f} | {m['ece']:.3f} |")
+    final = report[parts[-1]]
+    lines += [
+        "",
+        f"Per class ({parts[-1]}):",
+        "",
+        "| class | sensitivity | specificity |",
+        "|---|---|---|",
+    ]
+    for name, values in final["per_class"].items():
+        lines.append(f"| {name} | {values['sensitivity']:.3f} | {values['specificity']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train evaluate",
@@ -110,6 +138,8 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument("--data", type=Path, required=True, help="folder with manifest.csv")
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON")
+    parser.add_argument("--markdown", type=Path, default=None, help="append a markdown section")
+    parser.add_argument("--title", default="Evaluation", help="title of the markdown section")
     return parser
 
 
@@ -122,5 +152,8 @@ def main(args: argparse.Namespace) -> int:
     text = json.dumps(report, indent=2) + "\n"
     if args.out:
         args.out.write_text(text)
+    if args.markdown:
+        with args.markdown.open("a") as handle:
+            handle.write(to_markdown(report, args.title) + "\n")
     sys.stdout.write(text)
     return 0

@@ -97,7 +97,7 @@ def test_tiny_train_export_load_predict(tmp_path: Path) -> None:
     assert prediction.fused_probabilities is not None
     assert abs(sum(prediction.probabilities) - 1.0) < 1e-6
     # evaluate goes through the node's Predictor; its fused accuracy must match a recount.
-    from train.evaluate import evaluate
+    from train.evaluate import evaluate, to_markdown
 
     report = evaluate(out, data)
     assert report["patients"] == 30 and report["AP"]["n"] == 30
@@ -106,3 +106,5 @@ def test_tiny_train_export_load_predict(tmp_path: Path) -> None:
     assert matrix.sum() == 30
     assert report["fused"]["accuracy"] == pytest.approx(np.trace(matrix) / 30, abs=1e-4)
     assert 0.0 <= report["AP"]["auc_macro"] <= 1.0
+    markdown = to_markdown(report, "held-out")
+    assert "| fused | 30 |" in markdown and "Zimmer Persona" in markdown
