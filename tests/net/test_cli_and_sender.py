@@ -95,8 +95,9 @@ def test_check_config_lists_bundles(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 
 def test_serve_refuses_to_start_without_bundles(tmp_path: Path) -> None:
-    if (ROOT / "weights" / "knee" / "card.json").exists():
-        pytest.skip("bundled weights exist; this checks the refusal without them")
+    """A configured task without its bundle stops serve before it listens, with the fix."""
+    conf = tmp_path / "conf.yaml"
+    conf.write_text((ROOT / "conf.yaml").read_text().replace("weights/", "missing-weights/"))
     result = subprocess.run(
         [
             sys.executable,
@@ -104,7 +105,7 @@ def test_serve_refuses_to_start_without_bundles(tmp_path: Path) -> None:
             "dicom_node",
             "serve",
             "--config",
-            str(ROOT / "conf.yaml"),
+            str(conf),
             "--port",
             "0",
             "--spool",
@@ -116,7 +117,8 @@ def test_serve_refuses_to_start_without_bundles(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert result.returncode == 2
-    assert "card.json is missing" in result.stderr and "python -m train" in result.stderr
+    assert "missing-weights/knee/card.json is missing" in result.stderr
+    assert "python -m train" in result.stderr
 
 
 def test_sender_delivers_retries_and_dead_letters(

@@ -1,0 +1,52 @@
+"""The bundled demo weights: load as the shipped conf.yaml names them and name the true class."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from dicom_node.config import load_config
+from dicom_node.domain import InstanceRef, RoutedView, StudyJob
+from dicom_node.infer import Predictor
+from dicom_node.service import load_bundles
+from tests.conftest import make_set
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_conf_loads_every_bundle() -> None:
+    bundles = load_bundles(load_config(ROOT / "conf.yaml"))
+    assert set(bundles) == {"knee", "hip", "spine"}
+    for task, bundle in bundles.items():
+        assert bundle.card.task == task and bundle.card.demo is True
+        assert bundle.card.training["command"].startswith("python -m train fit")
+    total = sum(p.stat().st_size for p in (ROOT / "weights").rglob("*") if p.is_file())
+    assert total < 40 * 2**20
+
+
+@pytest.mark.parametrize(("task", "patients", "needed"), [("knee", 12, 11), ("spine", 14, 12),
+                                                          ("hip", 16, 12)])
+def test_demo_weights_name_the_true_class(tmp_path: Path, task: str, patients: int,
+                                          needed: int) -> None:
+    """Fresh phantoms (a seed no bundle was trained on): most studies get the right class."""
+    bundles = load_bundles(load_config(ROOT / "conf.yaml"))
+    folder = make_set(tmp_path, task, task=task, patients=patients, seed=900)
+    with (folder / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    studies: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        studies.setdefault(row["study_instance_uid"], []).append(row)
+    jobs = [
+        StudyJob(uid, task, tuple(
+            RoutedView(InstanceRef(r["sop_instance_uid"], "", uid, "", folder / r["path"]),
+                       task, r["view"]) for r in members))
+        for uid, members in studies.items()
+    ]
+    results = Predictor({task: bundles[task]}).predict(jobs)
+    correct = sum(
+        prediction.predicted_index == int(studies[prediction.study_instance_uid][0]["label_index"])
+        for prediction, _ in results
+    )
+    assert correct >= needed, f"{correct}/{len(jobs)} correct"
