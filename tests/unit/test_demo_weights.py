@@ -26,10 +26,12 @@ def test_shipped_conf_loads_every_bundle() -> None:
     assert total < 40 * 2**20
 
 
-@pytest.mark.parametrize(("task", "patients", "needed"), [("knee", 12, 11), ("spine", 14, 12),
-                                                          ("hip", 16, 12)])
-def test_demo_weights_name_the_true_class(tmp_path: Path, task: str, patients: int,
-                                          needed: int) -> None:
+@pytest.mark.parametrize(
+    ("task", "patients", "needed"), [("knee", 12, 11), ("spine", 14, 12), ("hip", 16, 12)]
+)
+def test_demo_weights_name_the_true_class(
+    tmp_path: Path, task: str, patients: int, needed: int
+) -> None:
     """Fresh phantoms (a seed no bundle was trained on): most studies get the right class."""
     bundles = load_bundles(load_config(ROOT / "conf.yaml"))
     folder = make_set(tmp_path, task, task=task, patients=patients, seed=900)
@@ -39,9 +41,18 @@ def test_demo_weights_name_the_true_class(tmp_path: Path, task: str, patients: i
     for row in rows:
         studies.setdefault(row["study_instance_uid"], []).append(row)
     jobs = [
-        StudyJob(uid, task, tuple(
-            RoutedView(InstanceRef(r["sop_instance_uid"], "", uid, "", folder / r["path"]),
-                       task, r["view"]) for r in members))
+        StudyJob(
+            uid,
+            task,
+            tuple(
+                RoutedView(
+                    InstanceRef(r["sop_instance_uid"], "", uid, "", folder / r["path"]),
+                    task,
+                    r["view"],
+                )
+                for r in members
+            ),
+        )
         for uid, members in studies.items()
     ]
     results = Predictor({task: bundles[task]}).predict(jobs)
