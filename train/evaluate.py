@@ -24,7 +24,7 @@ from dicom_node.infer import Predictor
 from dicom_node.models.bundle import load_bundle
 from train.fit import _metrics
 
-__all__ = ["evaluate", "get_args_parser", "main", "to_markdown"]
+__all__ = ["evaluate", "get_args_parser", "main", "study_jobs", "to_markdown"]
 
 
 def _per_class(matrix: np.ndarray, names: list[str]) -> dict[str, dict[str, float]]:
@@ -42,10 +42,8 @@ def _per_class(matrix: np.ndarray, names: list[str]) -> dict[str, dict[str, floa
     return result
 
 
-def evaluate(bundle_path: Path, data: Path, batch: int = 32) -> dict[str, Any]:
-    """Metrics of the bundle at ``bundle_path`` on the manifest in ``data``."""
-    bundle = load_bundle(bundle_path)
-    task = bundle.card.task
+def study_jobs(data: Path, task: str) -> tuple[list[StudyJob], dict[str, list[dict[str, str]]]]:
+    """One StudyJob per study of a manifest (AP first), and the manifest rows by study UID."""
     with (data / "manifest.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     studies: dict[str, list[dict[str, str]]] = {}
@@ -69,6 +67,14 @@ def evaluate(bundle_path: Path, data: Path, batch: int = 32) -> dict[str, Any]:
         )
         for uid, members in studies.items()
     ]
+    return jobs, studies
+
+
+def evaluate(bundle_path: Path, data: Path, batch: int = 32) -> dict[str, Any]:
+    """Metrics of the bundle at ``bundle_path`` on the manifest in ``data``."""
+    bundle = load_bundle(bundle_path)
+    task = bundle.card.task
+    jobs, studies = study_jobs(data, task)
     predictor = Predictor({task: bundle})
     per_view: dict[str, list[tuple[np.ndarray, int]]] = {}
     fused: list[tuple[np.ndarray, int]] = []

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 
 from dicom_node.config import load_config
-from dicom_node.domain import InstanceRef, RoutedView, StudyJob
 from dicom_node.infer import Predictor
 from dicom_node.service import load_bundles
 from tests.conftest import make_set
+from train.evaluate import study_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -35,26 +34,7 @@ def test_demo_weights_name_the_true_class(
     """Fresh phantoms (a seed no bundle was trained on): most studies get the right class."""
     bundles = load_bundles(load_config(ROOT / "conf.yaml"))
     folder = make_set(tmp_path, task, task=task, patients=patients, seed=900)
-    with (folder / "manifest.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    studies: dict[str, list[dict[str, str]]] = {}
-    for row in rows:
-        studies.setdefault(row["study_instance_uid"], []).append(row)
-    jobs = [
-        StudyJob(
-            uid,
-            task,
-            tuple(
-                RoutedView(
-                    InstanceRef(r["sop_instance_uid"], "", uid, "", folder / r["path"]),
-                    task,
-                    r["view"],
-                )
-                for r in members
-            ),
-        )
-        for uid, members in studies.items()
-    ]
+    jobs, studies = study_jobs(folder, task)
     results = Predictor({task: bundles[task]}).predict(jobs)
     correct = sum(
         prediction.predicted_index == int(studies[prediction.study_instance_uid][0]["label_index"])
