@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
+from scipy import ndimage
 from sklearn.metrics import confusion_matrix
 
 from dicom_node.domain import InstanceRef, RoutedView, StudyJob
+from dicom_node.explain import explain
 from dicom_node.infer import Predictor
 from dicom_node.models.bundle import load_bundle
 from train.fit import _metrics
@@ -70,17 +73,47 @@ def study_jobs(data: Path, task: str) -> tuple[list[StudyJob], dict[str, list[di
     return jobs, studies
 
 
-def evaluate(bundle_path: Path, data: Path, batch: int = 32) -> dict[str, Any]:
-    """Metrics of the bundle at ``bundle_path`` on the manifest in ``data``."""
+def saliency_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> tuple[float, bool]:
+    """Share of the heatmap's mass inside the mask, and whether its peak falls inside it."""
+    total = float(heatmap.sum())
+    share = float(heatmap[mask].sum()) / total if total > 0 else 0.0
+    peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return share, bool(mask[peak])
+
+
+def evaluate(
+    bundle_path: Path, data: Path, batch: int = 32, saliency: str | None = None
+) -> dict[str, Any]:
+    """Metrics of the bundle at ``bundle_path`` on the manifest in ``data``.
+
+    With ``saliency`` ("gradcam" or "integrated-gradients"), also the localisation of the
+    heatmaps on the phantom masks (dilated by 2 mm): the mean share of heatmap mass inside the
+    mask and the pointing-game hit rate (the peak inside the mask).
+    """
     bundle = load_bundle(bundle_path)
     task = bundle.card.task
     jobs, studies = study_jobs(data, task)
     predictor = Predictor({task: bundle})
     per_view: dict[str, list[tuple[np.ndarray, int]]] = {}
     fused: list[tuple[np.ndarray, int]] = []
+    shares: list[float] = []
+    hits: list[bool] = []
     for start in range(0, len(jobs), batch):
-        for prediction, _ in predictor.predict(jobs[start : start + batch]):
+        for prediction, prepared in predictor.predict(jobs[start : start + batch]):
             label = int(studies[prediction.study_instance_uid][0]["label_index"])
+            if saliency:
+                rows_by_sop = {
+                    r["sop_instance_uid"]: r for r in studies[prediction.study_instance_uid]
+                }
+                for image in prepared:
+                    heat = explain(bundle, image, prediction.predicted_index, saliency).heatmap
+                    row = rows_by_sop[image.view.instance.sop_instance_uid]
+                    mask = np.asarray(Image.open(data / row["mask_path"])) > 0
+                    spacing = float(row["imager_pixel_spacing_mm"]) / float(row["magnification"])
+                    mask = ndimage.binary_dilation(mask, iterations=max(1, round(2.0 / spacing)))
+                    share, hit = saliency_in_mask(heat, mask)
+                    shares.append(share)
+                    hits.append(hit)
             for view in prediction.views:
                 per_view.setdefault(view.view.view, []).append(
                     (np.array(view.probabilities), label)
@@ -93,6 +126,13 @@ def evaluate(bundle_path: Path, data: Path, batch: int = 32) -> dict[str, Any]:
         "data": str(data),
         "patients": len(jobs),
     }
+    if saliency:
+        report["saliency"] = {
+            "method": saliency,
+            "images": len(shares),
+            "mass_in_mask": round(float(np.mean(shares)), 4),
+            "pointing_game": round(float(np.mean(hits)), 4),
+        }
     for name, pairs in [*sorted(per_view.items()), ("fused", fused)]:
         if name == "fused" and len(per_view) < 2:
             continue
@@ -122,6 +162,14 @@ def to_markdown(report: dict[str, Any], title: str) -> str:
         m = report[key]
         auc = m.get("auc", m.get("auc_macro", float("nan")))
         lines.append(f"| {key} | {m['n']} | {m['accuracy']:.3f} | {auc:.3f} | {m['ece']:.3f} |")
+    if "saliency" in report:
+        sal = report["saliency"]
+        lines += [
+            "",
+            f"Saliency ({sal['method']}, {sal['images']} images, masks dilated by "
+            f"2 mm): mass inside the implant mask {sal['mass_in_mask']:.3f}, pointing game "
+            f"{sal['pointing_game']:.3f}.",
+        ]
     final = report[parts[-1]]
     lines += [
         "",
@@ -146,12 +194,18 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="write the report as JSON")
     parser.add_argument("--markdown", type=Path, default=None, help="append a markdown section")
     parser.add_argument("--title", default="Evaluation", help="title of the markdown section")
+    parser.add_argument(
+        "--saliency",
+        choices=["gradcam", "integrated-gradients"],
+        default=None,
+        help="also score heatmap localisation on the phantom masks",
+    )
     return parser
 
 
 def main(args: argparse.Namespace) -> int:
     try:
-        report = evaluate(args.bundle, args.data)
+        report = evaluate(args.bundle, args.data, saliency=args.saliency)
     except (OSError, ValueError) as error:
         sys.stderr.write(f"evaluate: {error}\n")
         return 2

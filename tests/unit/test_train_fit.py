@@ -99,7 +99,9 @@ def test_tiny_train_export_load_predict(tmp_path: Path) -> None:
     # evaluate goes through the node's Predictor; its fused accuracy must match a recount.
     from train.evaluate import evaluate, to_markdown
 
-    report = evaluate(out, data)
+    report = evaluate(out, data, saliency="gradcam")
+    assert report["saliency"]["images"] == 60
+    assert 0.0 <= report["saliency"]["mass_in_mask"] <= 1.0
     assert report["patients"] == 30 and report["AP"]["n"] == 30
     assert set(report) >= {"AP", "LAT", "fused"}
     matrix = np.array(report["fused"]["confusion"])
@@ -108,3 +110,15 @@ def test_tiny_train_export_load_predict(tmp_path: Path) -> None:
     assert 0.0 <= report["AP"]["auc_macro"] <= 1.0
     markdown = to_markdown(report, "held-out")
     assert "| fused | 30 |" in markdown and "Zimmer Persona" in markdown
+
+
+def test_saliency_in_mask() -> None:
+    from train.evaluate import saliency_in_mask
+
+    heat = np.zeros((10, 10))
+    heat[2, 2], heat[7, 7] = 3.0, 1.0
+    mask = np.zeros((10, 10), dtype=bool)
+    mask[1:4, 1:4] = True
+    assert saliency_in_mask(heat, mask) == (0.75, True)
+    assert saliency_in_mask(heat, ~mask) == (0.25, False)
+    assert saliency_in_mask(np.zeros((4, 4)), np.ones((4, 4), dtype=bool)) == (0.0, True)
