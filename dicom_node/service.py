@@ -174,20 +174,25 @@ class Service:
             # One batch through the models for every claimed study (views of a task together).
             self.pipeline.run(jobs)
             done = jobs
-        except DicomNodeError:
-            # Something in the batch is bad: run the studies one by one to isolate it.
+        except Exception:
+            # Something in the batch is bad: run the studies one by one to isolate it. A study
+            # that fails is marked failed (visible in `status`), never left in 'processing'.
             done = []
             for job in jobs:
                 try:
                     self.pipeline.run([job])
                     done.append(job)
-                except DicomNodeError as error:
-                    self.spool.set_study_state(
-                        job.study_instance_uid, job.task, "failed", str(error)
-                    )
+                except Exception as error:
+                    reason = str(error)
+                    if not isinstance(error, DicomNodeError):
+                        # Library messages may quote element values: keep them out of the
+                        # ERROR log and the spool; the traceback goes to DEBUG only.
+                        reason = f"unexpected {type(error).__name__} (traceback at DEBUG level)"
+                        log.debug("study %s traceback", job.study_instance_uid, exc_info=True)
+                    self.spool.set_study_state(job.study_instance_uid, job.task, "failed", reason)
                     self.metrics.failed.labels(task=job.task).inc()
                     log.error(
-                        "study %s task %s failed: %s", job.study_instance_uid, job.task, error
+                        "study %s task %s failed: %s", job.study_instance_uid, job.task, reason
                     )
         elapsed = (time.perf_counter() - started) / max(len(jobs), 1)
         for job in done:

@@ -455,3 +455,36 @@ def test_explain_maps_saliency_to_the_source_grid(tmp_path: Path, method: str) -
     assert explanation.heatmap.min() >= 0.0 and explanation.heatmap.max() <= 1.0
     assert explanation.method == METHODS[method]
     assert explanation.view == view.view
+
+
+def test_a_failing_study_does_not_fail_the_batch(tmp_path: Path) -> None:
+    """The inference worker isolates a study that breaks, marks it failed, finishes the rest."""
+    from dicom_node.metrics import Metrics
+    from dicom_node.service import Service
+
+    clock = FakeClock()
+    spool = Spool(tmp_path / "spool", clock=clock)
+    folder = make_set(tmp_path, "h", task="hip", patients=3, seed=8)
+    for data, ds in _instance_bytes(folder):
+        _store(spool, data, ds)
+    assembler = Assembler(spool, load_config(None).routing, {"hip"}, 10.0, clock)
+    assembler.route_new()
+    ready = assembler.promote_ready()
+    assert len(ready) == 3
+    bad = ready[1].study_instance_uid
+
+    class Pipeline:
+        def run(self, jobs: list[object]) -> list[object]:
+            if any(j.study_instance_uid == bad for j in jobs):  # type: ignore[attr-defined]
+                raise RuntimeError("PatientName 'PHANTOM^HIP' is not allowed")
+            return []
+
+    service = Service(load_config(None, base=tmp_path))
+    service.spool, service.assembler, service.metrics = spool, assembler, Metrics()
+    service.pipeline = Pipeline()  # type: ignore[assignment]
+    service._infer_loop()
+    states = {s.study_instance_uid: s for s in spool.recent_studies()}
+    assert states[bad].state == "failed"
+    assert "PHANTOM" not in (states[bad].error or "")  # no identifiers in the stored reason
+    assert "RuntimeError" in (states[bad].error or "")
+    assert sorted(s.state for s in states.values()) == ["done", "done", "failed"]
