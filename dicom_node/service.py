@@ -32,7 +32,8 @@ __all__ = ["Service", "load_bundles"]
 log = logging.getLogger(__name__)
 
 _TRAIN_HINT = (
-    "python -m train fit --task {task} ... && python -m train export --task {task} --out {path}"
+    "python -m train synth --task {task} --patients 400 --size 256 --out data/{task} && "
+    "python -m train fit --data data/{task} --out {path}"
 )
 
 

@@ -112,17 +112,14 @@ def _load(
     return tensors, rows
 
 
-def _predict(model: nn.Module, x: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
-    model.eval()
-    with torch.no_grad():
-        logits = torch.cat([model(x[i : i + 64]) for i in range(0, len(x), 64)])
-    return torch.softmax(logits / temperature, dim=1).numpy()
-
-
 def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
         return torch.cat([model(x[i : i + 64]) for i in range(0, len(x), 64)])
+
+
+def _predict(model: nn.Module, x: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+    return torch.softmax(_logits(model, x) / temperature, dim=1).numpy()
 
 
 def _temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
