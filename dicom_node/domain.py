@@ -18,9 +18,11 @@ __all__ = [
     "ModelInfo",
     "Outputs",
     "Prediction",
+    "RegionOfInterest",
     "RoutedView",
     "StudyJob",
     "ViewPrediction",
+    "decide",
 ]
 
 
@@ -56,6 +58,21 @@ class StudyJob:
 
 
 @dataclass(frozen=True)
+class RegionOfInterest:
+    """A square region of a source image, in its pixels; it may reach past the image's edges.
+
+    The classifier reads this square (outside the image: zeros) resized to its input; the
+    heatmap is mapped back into it. ``found`` is False when the localiser found no implant and
+    the region is a square around the whole image.
+    """
+
+    top: int
+    left: int
+    side: int
+    found: bool = True
+
+
+@dataclass(frozen=True)
 class ClassInfo:
     """One output class of a model, with the code that represents it in the SR."""
 
@@ -83,14 +100,15 @@ class ViewPrediction:
 
     view: RoutedView
     probabilities: tuple[float, ...]  # calibrated, one per class, summing to 1
+    region: RegionOfInterest | None = None  # what the classifier read, when the bundle crops
 
-    @property
-    def predicted_index(self) -> int:
-        return int(np.argmax(self.probabilities))
 
-    @property
-    def certainty(self) -> float:
-        return float(max(self.probabilities))
+def decide(probabilities: tuple[float, ...], decision_threshold: float | None) -> int:
+    """The predicted class: the second of two when its probability reaches the decision
+    threshold (an operating point chosen on validation data), otherwise the most probable."""
+    if decision_threshold is not None and len(probabilities) == 2:
+        return int(probabilities[1] >= decision_threshold)
+    return int(np.argmax(probabilities))
 
 
 @dataclass(frozen=True)
@@ -102,8 +120,9 @@ class Prediction:
     classes: tuple[ClassInfo, ...]
     views: tuple[ViewPrediction, ...]
     fused_probabilities: tuple[float, ...] | None  # None when only one view was analysed
-    threshold: float  # below this top probability the result is "undetermined"
+    threshold: float  # below this probability of the predicted class: "undetermined"
     model: ModelInfo
+    decision_threshold: float | None = None  # two-class tasks: operating point on class 2
 
     @property
     def probabilities(self) -> tuple[float, ...]:
@@ -114,11 +133,12 @@ class Prediction:
 
     @property
     def predicted_index(self) -> int:
-        return int(np.argmax(self.probabilities))
+        return decide(self.probabilities, self.decision_threshold)
 
     @property
     def certainty(self) -> float:
-        return float(max(self.probabilities))
+        """The probability of the predicted class."""
+        return float(self.probabilities[self.predicted_index])
 
     @property
     def abstained(self) -> bool:

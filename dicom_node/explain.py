@@ -1,8 +1,8 @@
 """Saliency: captum Grad-CAM (default) or integrated gradients, mapped back to the source grid.
 
 The heatmap is computed for the class the study-level result predicts, on the network input,
-then the padding is cropped and it is resized to the source image's Rows × Columns and scaled to
-[0, 1].
+then the padding is cropped and it is resized to the source image's Rows × Columns (or, for a
+bundle that crops a region of interest, to that region, zero elsewhere) and scaled to [0, 1].
 """
 
 from __future__ import annotations
@@ -58,5 +58,5 @@ def explain(
     else:
         raise ValueError(f"unknown saliency method {method!r}; use {sorted(METHODS)}")
     rows, cols = view.display.shape
-    source = heatmap_to_source(_normalise(heat), rows, cols)
+    source = heatmap_to_source(_normalise(heat), rows, cols, view.region)
     return Explanation(view=view.view, heatmap=_normalise(source), method=METHODS[method])

@@ -1,7 +1,10 @@
-"""Inference: per-view probabilities (temperature-scaled), AP + lateral fusion, abstention.
+"""Inference: region of interest, per-view probabilities (temperature-scaled), AP + lateral
+fusion, operating point and abstention.
 
 One :class:`Predictor` owns the models (on CUDA when available) and runs the views of one or
-more ready studies as a batch per task.
+more ready studies as a batch per task. For a bundle with a localiser, each view is first
+located (:mod:`dicom_node.models.localiser`) and the classifier reads the square around the
+implant at the source's resolution.
 """
 
 from __future__ import annotations
@@ -15,12 +18,19 @@ import pydicom
 import torch
 from pydicom.dataset import Dataset
 
-from dicom_node.domain import Prediction, RoutedView, StudyJob, ViewPrediction
+from dicom_node.domain import (
+    Prediction,
+    RegionOfInterest,
+    RoutedView,
+    StudyJob,
+    ViewPrediction,
+)
 from dicom_node.errors import InferenceError
 from dicom_node.models.bundle import Bundle, Stacker
-from dicom_node.preprocess import display_image, to_model_input
+from dicom_node.models.localiser import locate
+from dicom_node.preprocess import crop_square, display_image, to_model_input
 
-__all__ = ["Predictor", "PreparedView", "fuse", "select_device"]
+__all__ = ["Predictor", "PreparedView", "classifier_input", "fuse", "select_device"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +49,26 @@ class PreparedView:
     dataset: Dataset
     display: np.ndarray  # (Rows, Columns) float32 in [0, 1]
     tensor: torch.Tensor  # (C, S, S)
+    region: RegionOfInterest | None = None  # the square the classifier read, if it crops
+
+
+def classifier_input(
+    bundle: Bundle, display: np.ndarray
+) -> tuple[torch.Tensor, RegionOfInterest | None]:
+    """The classifier's input for a displayed image, and the region it shows (None: whole).
+
+    The one function the node and ``train/`` both call, so both crop the same way.
+    """
+    card = bundle.card
+    region = None
+    if bundle.localiser is not None and card.roi is not None:
+        whole = to_model_input(display, card.roi.input_size, 1, "standardise")
+        [region] = locate(
+            bundle.localiser, whole[None], [display.shape], card.roi.threshold, card.roi.margin
+        )
+        display = crop_square(display, region)
+    tensor = to_model_input(display, card.input_size, card.channels, card.normalisation)
+    return tensor, region
 
 
 def fuse(per_view: dict[str, np.ndarray], stacker: Stacker | None) -> np.ndarray | None:
@@ -68,7 +98,7 @@ class Predictor:
             bundle.model.to(self.device).eval()
 
     def prepare(self, view: RoutedView) -> PreparedView:
-        card = self.bundles[view.task].card
+        bundle = self.bundles[view.task]
         try:
             ds = pydicom.dcmread(view.instance.path)
             display = display_image(ds)
@@ -76,8 +106,13 @@ class Predictor:
             raise InferenceError(
                 f"cannot decode instance {view.instance.sop_instance_uid}: {error}"
             ) from error
-        tensor = to_model_input(display, card.input_size, card.channels, card.normalisation)
-        return PreparedView(view=view, dataset=ds, display=display, tensor=tensor)
+        tensor, region = classifier_input(bundle, display)
+        if region is not None and not region.found:
+            log.warning(
+                "instance %s: no implant located; the classifier reads the whole image",
+                view.instance.sop_instance_uid,
+            )
+        return PreparedView(view=view, dataset=ds, display=display, tensor=tensor, region=region)
 
     def predict(self, jobs: Sequence[StudyJob]) -> list[tuple[Prediction, list[PreparedView]]]:
         """Predict several studies; views of the same task run as one batch."""
@@ -102,7 +137,9 @@ class Predictor:
             bundle = self.bundles[job.task]
             per_view = [
                 ViewPrediction(
-                    view=v.view, probabilities=tuple(float(x) for x in probabilities[id(v)])
+                    view=v.view,
+                    probabilities=tuple(float(x) for x in probabilities[id(v)]),
+                    region=v.region,
                 )
                 for v in views
             ]
@@ -115,6 +152,7 @@ class Predictor:
                 fused_probabilities=None if fused is None else tuple(float(x) for x in fused),
                 threshold=bundle.card.threshold,
                 model=bundle.model_info,
+                decision_threshold=bundle.card.decision_threshold,
             )
             results.append((prediction, views))
         return results

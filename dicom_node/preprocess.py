@@ -2,7 +2,9 @@
 
 From a DICOM data set to a float image in [0, 1] displayed as a radiologist sees it (modality
 LUT, VOI LUT or window, MONOCHROME1 inverted), then an aspect-preserving resize and pad to the
-model's square input.
+model's square input. With a region of interest (bundles with a localiser), the classifier's input
+is that square cut from the displayed image (:func:`crop_square`) and the heatmap goes back into
+it (:func:`heatmap_to_source`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import torch.nn.functional as F
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-__all__ = ["display_image", "heatmap_to_source", "resize_pad", "to_model_input"]
+from dicom_node.domain import RegionOfInterest
+
+__all__ = ["crop_square", "display_image", "heatmap_to_source", "resize_pad", "to_model_input"]
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,13 +87,48 @@ def to_model_input(
     return tensor
 
 
-def heatmap_to_source(heatmap: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Undo :func:`resize_pad`: crop the padding of a (size, size) map, resize to the source."""
+def crop_square(display: np.ndarray, region: RegionOfInterest) -> np.ndarray:
+    """The ``region`` of a displayed image as a (side, side) array; zeros past the image's edges."""
+    rows, cols = display.shape
+    out = np.zeros((region.side, region.side), dtype=np.float32)
+    top, left = max(region.top, 0), max(region.left, 0)
+    bottom = min(region.top + region.side, rows)
+    right = min(region.left + region.side, cols)
+    if bottom > top and right > left:
+        out[top - region.top : bottom - region.top, left - region.left : right - region.left] = (
+            display[top:bottom, left:right]
+        )
+    return out
+
+
+def heatmap_to_source(
+    heatmap: np.ndarray, rows: int, cols: int, region: RegionOfInterest | None = None
+) -> np.ndarray:
+    """Undo :func:`resize_pad` (and :func:`crop_square`): a (size, size) map on the source grid.
+
+    Without a region, the padding is cropped and the map resized to Rows × Columns. With one,
+    the map is resized to the region's side and pasted at its place; outside it the map is 0.
+    """
     size = heatmap.shape[0]
-    scale = size / max(rows, cols)
-    inner_rows, inner_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
-    top, left = (size - inner_rows) // 2, (size - inner_cols) // 2
-    cropped = np.ascontiguousarray(heatmap[top : top + inner_rows, left : left + inner_cols])
-    tensor = torch.from_numpy(cropped.astype(np.float32))[None, None]
+    if region is None:
+        scale = size / max(rows, cols)
+        inner_rows, inner_cols = max(1, round(rows * scale)), max(1, round(cols * scale))
+        top, left = (size - inner_rows) // 2, (size - inner_cols) // 2
+        cropped = np.ascontiguousarray(heatmap[top : top + inner_rows, left : left + inner_cols])
+        return _resize(cropped, rows, cols)
+    square = _resize(heatmap, region.side, region.side)
+    out = np.zeros((rows, cols), dtype=np.float32)
+    top, left = max(region.top, 0), max(region.left, 0)
+    bottom = min(region.top + region.side, rows)
+    right = min(region.left + region.side, cols)
+    if bottom > top and right > left:
+        out[top:bottom, left:right] = square[
+            top - region.top : bottom - region.top, left - region.left : right - region.left
+        ]
+    return out
+
+
+def _resize(image: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
     resized = F.interpolate(tensor, size=(rows, cols), mode="bilinear", align_corners=False)
     return resized[0, 0].numpy()

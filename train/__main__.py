@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
@@ -51,6 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     build, run, _ = commands[argv[0]]
     args = build(True).parse_args(argv[1:])
+    args.command_line = "python -m train " + shlex.join(argv)  # recorded in bundle cards
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

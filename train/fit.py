@@ -1,180 +1,63 @@
-"""``python -m train fit``: train, calibrate, fuse and export a weight bundle in one command.
+"""``python -m train fit``: train, calibrate, fuse, choose the operating point, report, write a
+bundle — the whole published protocol in one command.
 
-Data: a manifest.csv as ``python -m train synth`` writes it (path, patient_id, view, label,
-label_index, ...). Patients are split 75/15/10 (train/validation/test), stratified by class,
-with no patient in two splits. Preprocessing is the node's own (``dicom_node.preprocess``);
-augmentation (rotation, zoom, shift, flip, gamma, noise; batched) applies to training only.
-AdamW with a one-cycle schedule and a class-weighted loss; the best epoch by validation loss is
-kept; a checkpoint after every epoch lets ``--resume`` continue. Then: temperature scaling on
-the validation split, the AP + lateral logistic-regression stacker on validation predictions,
-test-split metrics (single view vs fused), and the bundle (model.pt + card.json).
+1. Data (:mod:`train.data`): a manifest folder, or DICOM + ``--labels``; patients split 75/15/10
+   (stratified, no patient in two splits) or ``--folds K --fold i``.
+2. Region of interest (:mod:`train.roi`, ``--roi``): a localiser trained on the implant masks;
+   every view is then cropped around the implant at the source's resolution, as the node does.
+3. Classifier (:mod:`train.engine`): the node's backbone and preprocessing, augmentation on
+   training data only, AdamW + one-cycle + class-weighted loss, best epoch by validation loss,
+   a checkpoint per epoch (``--resume``), AMP and channels_last on CUDA, ``torchrun`` for DDP.
+4. Calibration: temperature scaling on the validation split (as ``python -m train calibrate``).
+5. Fusion: the AP + lateral logistic-regression stacker on validation studies (as ``python -m
+   train ensemble``).
+6. Two-class tasks: the operating threshold with the best validation specificity at
+   ``--min-sensitivity`` (stored in the card; the node decides with it).
+7. Test split (and ``--external`` sets) through :mod:`train.metrics`: ``OUT/report/report.md``
+   with plots, ``OUT/metrics.json``, and the bundle (model.pt, localiser.pt, card.json) in OUT.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import logging
+import shlex
 import subprocess
 import sys
 import time
 import uuid
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, roc_auc_score
 from torch import nn
 
 from dicom_node.models.backbones import build_backbone
-from dicom_node.models.bundle import save_bundle
-from dicom_node.models.codes import card_classes, classes_for
-from dicom_node.preprocess import display_image, to_model_input
+from dicom_node.models.bundle import load_bundle, save_bundle, update_card
+from dicom_node.models.codes import card_classes
+from train.data import LabelledSet, kfold_patients, load_images, read_dataset, split_patients
+from train.engine import (
+    Augmentation,
+    FitSettings,
+    fit_network,
+    fit_temperature,
+    init_distributed,
+    predict_logits,
+)
+from train.ensemble import by_study, fit_stacker, fused_probabilities
+from train.metrics import choose_threshold, classification_metrics
+from train.report import Section, write_report
+from train.roi import LOCALISER_AUGMENTATION, crop_inputs, fit_localiser, locate_all, region_quality
 
-__all__ = ["expected_calibration_error", "get_args_parser", "main", "split_patients"]
+__all__ = ["NORMALISATION", "get_args_parser", "main", "run", "test_sections"]
 
 log = logging.getLogger(__name__)
 
-_NORMALISATION = {"orthonode_cnn": ("standardise", 1)}  # others: ImageNet statistics, 3 channels
-
-
-def split_patients(
-    patients: list[str], labels: list[int], fractions: tuple[float, float, float], seed: int
-) -> dict[str, str]:
-    """Patient → "train" | "val" | "test", stratified by class, deterministic for a seed."""
-    rng = np.random.default_rng(seed)
-    by_class: dict[int, list[str]] = {}
-    for patient, label in sorted(set(zip(patients, labels, strict=True))):
-        by_class.setdefault(label, []).append(patient)
-    assignment = {}
-    for members in by_class.values():
-        order = [members[i] for i in rng.permutation(len(members))]
-        n_val = round(fractions[1] * len(order))
-        n_test = round(fractions[2] * len(order))
-        for i, patient in enumerate(order):
-            assignment[patient] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
-    return assignment
-
-
-def expected_calibration_error(
-    probabilities: np.ndarray, labels: np.ndarray, bins: int = 15
-) -> float:
-    """ECE of the top-class confidence over equal-width bins."""
-    confidence = probabilities.max(axis=1)
-    correct = probabilities.argmax(axis=1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    total = 0.0
-    for low, high in pairwise(edges):
-        inside = (confidence > low) & (confidence <= high)
-        if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(total)
-
-
-def _metrics(task: str, probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    result = {
-        "n": len(labels),
-        "accuracy": float(accuracy_score(labels, probabilities.argmax(1))),
-        "ece": expected_calibration_error(probabilities, labels),
-    }
-    try:
-        if probabilities.shape[1] == 2:
-            result["auc"] = float(roc_auc_score(labels, probabilities[:, 1]))
-        else:
-            result["auc_macro"] = float(
-                roc_auc_score(
-                    labels,
-                    probabilities,
-                    multi_class="ovr",
-                    labels=list(range(probabilities.shape[1])),
-                )
-            )
-    except ValueError:  # a class absent from this split
-        pass
-    return {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
-
-
-def _load(
-    directory: Path, size: int, channels: int, normalisation: str
-) -> tuple[torch.Tensor, list[dict[str, str]]]:
-    with (directory / "manifest.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    tensors = torch.zeros((len(rows), channels, size, size))
-    for i, row in enumerate(rows):
-        display = display_image(pydicom.dcmread(directory / row["path"]))
-        tensors[i] = to_model_input(display, size, channels, normalisation)
-    return tensors, rows
-
-
-def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model(x[i : i + 64]) for i in range(0, len(x), 64)])
-
-
-def _predict(model: nn.Module, x: torch.Tensor, temperature: float = 1.0) -> np.ndarray:
-    return torch.softmax(_logits(model, x) / temperature, dim=1).numpy()
-
-
-def _temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """Temperature minimising validation NLL (calibration)."""
-    log_t = torch.zeros(1, requires_grad=True)
-    optimiser = torch.optim.LBFGS([log_t], lr=0.1, max_iter=100)
-
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
-        loss = nn.functional.cross_entropy(logits / log_t.exp(), labels)
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    return float(log_t.detach().exp().clamp(0.05, 20.0))
-
-
-def _by_patient(
-    rows: list[dict[str, str]], index: np.ndarray, probabilities: np.ndarray, views: list[str]
-) -> tuple[list[str], dict[str, dict[str, np.ndarray]], dict[str, int]]:
-    per_patient: dict[str, dict[str, np.ndarray]] = {}
-    label: dict[str, int] = {}
-    for i, p in zip(index, probabilities, strict=True):
-        row = rows[i]
-        per_patient.setdefault(row["patient_id"], {})[row["view"]] = p
-        label[row["patient_id"]] = int(row["label_index"])
-    complete = [pid for pid, v in per_patient.items() if all(view in v for view in views)]
-    return complete, per_patient, label
-
-
-def augment_batch(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random rotation (±10°), zoom (±8 %), shift (±5 %), left-right flip, gamma and noise.
-
-    Batched with ``affine_grid``/``grid_sample``: MONAI's per-sample ``RandAffine`` costs about
-    150 ms per 256 px image on a 2-core CPU, this about 1 ms, for the same transformation.
-    """
-    n = batch.shape[0]
-    angle = (torch.rand(n, generator=generator) - 0.5) * (2 * 0.17)
-    zoom = 1.0 + (torch.rand(n, generator=generator) - 0.5) * 0.16
-    shift = (torch.rand(n, 2, generator=generator) - 0.5) * 0.1
-    flip = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-    theta = torch.stack(
-        [
-            torch.stack([cos * flip, -sin, shift[:, 0]], 1),
-            torch.stack([sin * flip, cos, shift[:, 1]], 1),
-        ],
-        1,
-    )
-    grid = nn.functional.affine_grid(theta, list(batch.shape), align_corners=False)
-    low = batch.amin(dim=(1, 2, 3), keepdim=True)
-    out = nn.functional.grid_sample(batch - low, grid, align_corners=False) + low
-    gain = 1.0 + (torch.rand(n, 1, 1, 1, generator=generator) - 0.5) * 0.3
-    noise = torch.randn(out.shape, generator=generator) * 0.05
-    return out * gain + noise
+#: backbone → (normalisation, channels); others: ImageNet statistics, 3 channels.
+NORMALISATION = {"orthonode_cnn": ("standardise", 1)}
 
 
 def _git_commit() -> str:
@@ -190,156 +73,204 @@ def _git_commit() -> str:
         return ""
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    torch.manual_seed(args.seed)
-    normalisation, channels = _NORMALISATION.get(args.backbone, ("imagenet", 3))
-    started = time.perf_counter()
-    x, rows = _load(args.data, args.size, channels, normalisation)
-    task = rows[0]["task"]
-    classes = classes_for(task)
-    views = sorted({r["view"] for r in rows}, key=lambda v: (v != "AP", v))
-    y = torch.tensor([int(r["label_index"]) for r in rows])
-    split = split_patients(
-        [r["patient_id"] for r in rows], y.tolist(), tuple(args.split), args.seed
-    )
-    index = {
-        name: np.array([i for i, r in enumerate(rows) if split[r["patient_id"]] == name])
+def _split(dataset: LabelledSet, args: argparse.Namespace) -> dict[str, np.ndarray]:
+    patients = [s.patient_id for s in dataset.samples]
+    labels = [s.label_index for s in dataset.samples]
+    if args.folds:
+        assignment = kfold_patients(
+            patients, labels, args.folds, args.fold, args.split[1] / sum(args.split[:2]), args.seed
+        )
+    else:
+        assignment = split_patients(patients, labels, tuple(args.split), args.seed)
+    return {
+        name: np.array([i for i, p in enumerate(patients) if assignment[p] == name], dtype=int)
         for name in ("train", "val", "test")
     }
-    log.info(
-        "%s: %d images, split %s patients",
-        task,
-        len(rows),
-        {k: len({rows[i]["patient_id"] for i in v}) for k, v in index.items()},
-    )
 
-    model = build_backbone(args.backbone, len(classes))
+
+def test_sections(
+    dataset: LabelledSet,
+    index: np.ndarray,
+    probabilities: np.ndarray,
+    stacker: dict[str, Any] | None,
+    decision_threshold: float | None,
+) -> list[Section]:
+    """Per-view and fused (name, metrics, probabilities, labels) for the images of ``index``;
+    ``probabilities`` has one row per image of the whole set."""
+    names = list(dataset.classes)
+    sections: list[Section] = []
+    views = dataset.views
+    for view in views:
+        members = np.array([i for i in index if dataset.samples[i].view == view], dtype=int)
+        if len(members) == 0:
+            continue
+        labels = np.array([dataset.samples[i].label_index for i in members])
+        p = probabilities[members]
+        sections.append(
+            (view, classification_metrics(p, labels, names, decision_threshold), p, labels)
+        )
+    if len(views) == 2 and len(index):
+        _, per_view, labels = by_study(dataset.samples, index, probabilities[index], views)
+        if len(labels):
+            fused = fused_probabilities(per_view, stacker)
+            sections.append(
+                (
+                    "fused",
+                    classification_metrics(fused, labels, names, decision_threshold),
+                    fused,
+                    labels,
+                )
+            )
+    return sections
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Train and write the bundle; the metrics (empty on ranks other than 0 under torchrun)."""
+    context = init_distributed(prefer_cuda=args.device != "cpu")
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+    dataset = read_dataset(args.data, args.labels)
+    task, names, views = dataset.task, list(dataset.classes), dataset.views
+    index = _split(dataset, args)
+    if not len(index["train"]) or not len(index["val"]):
+        raise ValueError("the split left no training or no validation patients; use more data")
+    use_roi = args.roi == "on" or (args.roi == "auto" and dataset.has_masks)
+    if use_roi and not dataset.has_masks:
+        raise ValueError("--roi on needs implant masks (a manifest with mask_path)")
+    normalisation, channels = NORMALISATION.get(args.backbone, ("imagenet", 3))
+    if context.main:
+        log.info(
+            "%s: %d images, patients per split %s, views %s, region of interest %s",
+            task,
+            len(dataset.samples),
+            {k: len({dataset.samples[i].patient_id for i in v}) for k, v in index.items()},
+            views,
+            "on" if use_roi else "off",
+        )
+    loaded = load_images(
+        dataset.samples,
+        size=args.size,
+        channels=channels,
+        normalisation=normalisation,
+        roi_size=args.roi_size if use_roi else None,
+        workers=args.workers,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    y = torch.tensor([s.label_index for s in dataset.samples])
+    localiser = None
+    roi_metrics: dict[str, float] = {}
+    if use_roi:
+        assert loaded.displays is not None and loaded.whole is not None
+        localiser = fit_localiser(
+            loaded,
+            index["train"],
+            index["val"],
+            FitSettings(
+                epochs=args.roi_epochs,
+                batch_size=args.batch_size,
+                lr=args.roi_lr,
+                patience=args.patience,
+                seed=args.seed,
+                progress=args.progress,
+                augmentation=LOCALISER_AUGMENTATION,
+            ),
+            args.out / "checkpoint-localiser.pt",
+            resume=args.resume,
+            context=context,
+        )
+        shapes = [d.shape for d in loaded.displays]
+        regions = locate_all(localiser, loaded.whole, shapes, args.roi_threshold, args.roi_margin)
+        x = crop_inputs(loaded.displays, regions, args.size, channels, normalisation)
+        roi_metrics = region_quality(
+            [dataset.samples[i] for i in index["test"]], [regions[i] for i in index["test"]]
+        )
+        loaded.displays = None
+    else:
+        assert loaded.inputs is not None
+        x = loaded.inputs
+
+    model = build_backbone(args.backbone, len(names))
     if args.pretrained:
         state = torch.load(args.pretrained, map_location="cpu", weights_only=True)
         missing = model.load_state_dict(state, strict=False)
-        log.info(
-            "loaded %s (%d missing keys: the new head)", args.pretrained, len(missing.missing_keys)
-        )
-    optimiser = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
-    steps = args.epochs * ((len(index["train"]) + args.batch_size - 1) // args.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, max_lr=args.lr, total_steps=steps)
-    counts = np.bincount(y[index["train"]].numpy(), minlength=len(classes)).astype(np.float32)
-    loss_fn = nn.CrossEntropyLoss(
-        weight=torch.from_numpy(counts.sum() / np.maximum(counts, 1) / len(classes))
+        if context.main:
+            log.info(
+                "loaded %s (%d missing keys: the new head)",
+                args.pretrained,
+                len(missing.missing_keys),
+            )
+    counts = np.bincount(y[index["train"]].numpy(), minlength=len(names)).astype(np.float32)
+    weight = torch.from_numpy(counts.sum() / np.maximum(counts, 1) / len(names))
+    cross_entropy = nn.CrossEntropyLoss(weight=weight.to(context.device))
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return cross_entropy(logits.to(context.device), target.to(context.device))
+
+    fit_network(
+        model,
+        x,
+        y,
+        torch.from_numpy(index["train"]),
+        torch.from_numpy(index["val"]),
+        loss_fn,
+        FitSettings(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            weight_decay=args.weight_decay,
+            patience=args.patience,
+            seed=args.seed,
+            progress=args.progress,
+            augmentation=None if args.no_augment else Augmentation(),
+        ),
+        args.out / "checkpoint.pt",
+        resume=args.resume,
+        context=context,
+        name="classifier",
     )
-    args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.out / "checkpoint.pt"
-    start_epoch, best, best_state, stale = 0, float("inf"), None, 0
-    if args.resume and checkpoint.is_file():
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        model.load_state_dict(saved["model"])
-        optimiser.load_state_dict(saved["optimiser"])
-        schedule.load_state_dict(saved["schedule"])
-        start_epoch, best, best_state, stale = (
-            saved["epoch"] + 1,
-            saved["best"],
-            saved["best_state"],
-            saved["stale"],
-        )
-        log.info("resuming at epoch %d", start_epoch + 1)
-    generator = torch.Generator().manual_seed(args.seed)
-    train_index = torch.from_numpy(index["train"])
-    for epoch in range(start_epoch, args.epochs):
-        model.train()
-        order = train_index[torch.randperm(len(train_index), generator=generator)]
-        total = 0.0
-        for begin in range(0, len(order), args.batch_size):
-            batch_index = order[begin : begin + args.batch_size]
-            batch = augment_batch(x[batch_index], generator)
-            optimiser.zero_grad(set_to_none=True)
-            loss = loss_fn(model(batch), y[batch_index])
-            loss.backward()
-            optimiser.step()
-            schedule.step()
-            total += loss.item() * len(batch_index)
-        val_logits = _logits(model, x[index["val"]])
-        val_loss = float(nn.functional.cross_entropy(val_logits, y[index["val"]]))
-        if val_loss < best:
-            best, stale = val_loss, 0
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
-        log.info(
-            "epoch %d/%d train loss %.3f val loss %.3f%s",
-            epoch + 1,
-            args.epochs,
-            total / len(order),
-            val_loss,
-            " *" if stale == 0 else "",
-        )
-        torch.save(
-            {
-                "model": model.state_dict(),
-                "optimiser": optimiser.state_dict(),
-                "schedule": schedule.state_dict(),
-                "epoch": epoch,
-                "best": best,
-                "best_state": best_state,
-                "stale": stale,
-            },
-            checkpoint,
-        )
-        if stale >= args.patience:
-            log.info("early stop: no validation improvement for %d epochs", stale)
-            break
-    assert best_state is not None
-    model.load_state_dict(best_state)
+    if not context.main:
+        return {}
+    model = model.cpu().eval()
 
-    val_logits = _logits(model, x[index["val"]])
-    temperature = _temperature(val_logits, y[index["val"]])
-    probabilities = _predict(model, x, temperature)
-    stacker = None
+    # Calibration, fusion and operating point, all on the validation split.
+    val_logits = predict_logits(model, x[index["val"]], torch.device("cpu"))
+    temperature = fit_temperature(val_logits, y[index["val"]])
+    probabilities = (
+        torch.softmax(predict_logits(model, x, torch.device("cpu")) / temperature, dim=1)
+        .numpy()
+        .astype(np.float64)
+    )
+    probabilities /= probabilities.sum(axis=1, keepdims=True)  # exactly 1 in float64
+    stacker: dict[str, Any] | None = None
+    stacker_scores: dict[str, float] = {}
     if len(views) == 2:
-        val_ids, val_pp, val_label = _by_patient(
-            rows, index["val"], probabilities[index["val"]], views
+        _, per_view, labels = by_study(
+            dataset.samples, index["val"], probabilities[index["val"]], views
         )
-        features = np.array(
-            [
-                np.concatenate([np.log(np.clip(val_pp[p][v], 1e-7, 1)) for v in views])
-                for p in val_ids
-            ]
-        )
-        lr = LogisticRegression(C=1.0, max_iter=2000).fit(features, [val_label[p] for p in val_ids])
-        if len(lr.classes_) == len(classes):
-            coefficients = (
-                lr.coef_ if len(classes) > 2 else np.vstack([-lr.coef_[0] / 2, lr.coef_[0] / 2])
-            )
-            intercepts = (
-                lr.intercept_
-                if len(classes) > 2
-                else np.array([-lr.intercept_[0] / 2, lr.intercept_[0] / 2])
-            )
-            stacker = {
-                "kind": "logistic",
-                "views": views,
-                "coefficients": coefficients.tolist(),
-                "intercepts": intercepts.tolist(),
-            }
-    metrics: dict[str, Any] = {"split": "test", "temperature": round(temperature, 4)}
-    test = index["test"]
-    for view in views if len(test) else []:
-        members = np.array([i for i in test if rows[i]["view"] == view])
-        metrics[f"view_{view}"] = _metrics(task, probabilities[members], y[members].numpy())
-    if len(views) == 2 and len(test):
-        from dicom_node.infer import fuse
-        from dicom_node.models.bundle import Stacker
+        stacker, stacker_scores = fit_stacker(per_view, labels, views, len(names), args.seed)
+    decision_threshold = None
+    if len(names) == 2:
+        val_sections = test_sections(dataset, index["val"], probabilities, stacker, None)
+        _, _, p, labels = val_sections[-1]
+        decision_threshold = choose_threshold(p[:, 1], labels, args.min_sensitivity)
+    sections = test_sections(dataset, index["test"], probabilities, stacker, decision_threshold)
+    metrics: dict[str, Any] = {
+        "split": "test",
+        "patients": {k: len({dataset.samples[i].patient_id for i in v}) for k, v in index.items()},
+        "temperature": round(temperature, 4),
+        "stacker": stacker_scores,
+        **{name: _headline(m) for name, m, _, _ in sections},
+    }
+    if roi_metrics:
+        metrics["region_of_interest"] = roi_metrics
 
-        ids, pp, labels = _by_patient(rows, test, probabilities[test], views)
-        fused = np.array([fuse(pp[p], Stacker(**stacker) if stacker else None) for p in ids])
-        metrics["fused"] = _metrics(task, fused, np.array([labels[p] for p in ids]))
-    fingerprint = hashlib.sha256((args.data / "manifest.csv").read_bytes()).hexdigest()
     version = args.version
-    device_key = f"orthonode/{task}/{version}/{fingerprint}"
+    device_key = f"orthonode/{task}/{version}/{dataset.fingerprint}"
     card = {
         "task": task,
-        "name": f"orthonode {task} classifier",
+        "name": args.name or f"orthonode {task} classifier",
         "version": version,
-        "demo": True,
+        "demo": not args.not_demo,
         "device_uid": f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, device_key).int}",
         "classes": card_classes(task),
         "backbone": args.backbone,
@@ -347,51 +278,197 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "channels": channels,
         "normalisation": normalisation,
         "views": views,
-        "threshold": 0.5 if len(classes) == 2 else 0.4,
+        # Two-class tasks decide at the operating point and never abstain; others abstain
+        # below --abstain.
+        "threshold": 0.0 if decision_threshold is not None else args.abstain,
+        "decision_threshold": decision_threshold,
         "temperature": temperature,
         "stacker": stacker,
+        "roi": {
+            "input_size": args.roi_size,
+            "threshold": args.roi_threshold,
+            "margin": args.roi_margin,
+            "sha256": "",
+        }
+        if use_roi
+        else None,
         "metrics": metrics,
         "training": {
-            "data_fingerprint": fingerprint,
+            "data_fingerprint": dataset.fingerprint,
             "git_commit": _git_commit(),
-            "command": " ".join(["python -m train fit", *sys.argv[2:]])
-            if sys.argv[1:2] == ["fit"]
-            else "",
-            "args": {k: str(v) for k, v in vars(args).items()},
+            "command": getattr(args, "command_line", "") or _command(),
+            "args": {k: str(v) for k, v in vars(args).items() if k != "command_line"},
             "seconds": round(time.perf_counter() - started, 1),
         },
     }
-    save_bundle(args.out, model, card)
-    checkpoint.unlink(missing_ok=True)
+    save_bundle(args.out, model, card, localiser)
+    for checkpoint in ("checkpoint.pt", "checkpoint-localiser.pt"):
+        (args.out / checkpoint).unlink(missing_ok=True)
+    _write_split(args.out / "split.csv", dataset, index)
+    report_sections = [(f"test {n}", m, p, lab) for n, m, p, lab in sections]
+    for external in args.external or []:
+        from train.evaluate import evaluate
+
+        result = evaluate(args.out, external)
+        metrics[f"external:{external.name}"] = {
+            name: _headline(m) for name, m in result["sections"].items()
+        }
+        report_sections += [
+            (f"external {external.name} {n}", m, p, lab) for n, m, p, lab in result["raw"]
+        ]
+    if args.external:
+        update_card(args.out, {"metrics": metrics})
+    write_report(
+        report_sections,
+        args.out / "report",
+        f"{card['name']} {version}",
+        preamble=_preamble(card, roi_metrics),
+    )
     (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    load_bundle(args.out)  # the node can read what was written
     return metrics
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    keys = (
+        "n",
+        "accuracy",
+        "auc",
+        "auc_macro",
+        "auc_micro",
+        "ece",
+        "cohen_kappa",
+        "sensitivity",
+        "specificity",
+        "threshold",
+    )
+    return {k: metrics[k] for k in keys if k in metrics}
+
+
+def _preamble(card: dict[str, Any], roi: dict[str, float]) -> str:
+    lines = [
+        "Demo weights trained on synthetic phantoms: **not for clinical use**."
+        if card["demo"]
+        else "",
+        f"Backbone `{card['backbone']}`, input {card['input_size']} px, "
+        f"temperature {card['temperature']:.3f}, "
+        f"fusion {'logistic stacker' if card['stacker'] else 'mean of the views'}"
+        + (
+            f", operating threshold {card['decision_threshold']:.3f}"
+            if card["decision_threshold"] is not None
+            else ""
+        )
+        + ".",
+        f"Command: `{card['training']['command']}`",
+    ]
+    if roi:
+        lines.append(
+            f"Region of interest: {roi['mask_inside_mean']:.3f} of the implant mask inside the "
+            f"crop on average (worst {roi['mask_inside_min']:.3f}), crop area "
+            f"{roi['area_share_mean']:.3f} of the image."
+        )
+    return "\n\n".join(line for line in lines if line)
+
+
+def _command() -> str:
+    return "python -m train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+def _write_split(path: Path, dataset: LabelledSet, index: dict[str, np.ndarray]) -> None:
+    """study_instance_uid → split (UIDs only, no patient identifiers)."""
+    studies = {
+        dataset.samples[i].study_instance_uid: name
+        for name, members in index.items()
+        for i in members
+    }
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["study_instance_uid", "split"])
+        writer.writerows(sorted(studies.items()))
 
 
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train fit",
         add_help=add_help,
-        description="Train and export a weight bundle.",
+        description="Train, calibrate, fuse and write a weight bundle with its report.",
     )
-    parser.add_argument("--data", type=Path, required=True, help="folder with manifest.csv")
-    parser.add_argument("--out", type=Path, required=True, help="bundle folder to write")
-    parser.add_argument("--backbone", default="orthonode_cnn")
-    parser.add_argument(
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", type=Path, required=True, help="manifest folder or DICOM folder")
+    data.add_argument("--labels", type=Path, default=None, help="labels CSV for a DICOM folder")
+    data.add_argument(
+        "--split",
+        type=float,
+        nargs=3,
+        default=(0.75, 0.15, 0.10),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="patient fractions",
+    )
+    data.add_argument("--folds", type=int, default=0, help="k-fold: K folds (0: --split)")
+    data.add_argument("--fold", type=int, default=0, help="k-fold: the test fold")
+    data.add_argument(
+        "--external",
+        type=Path,
+        action="append",
+        default=None,
+        help="extra, differently acquired manifest folder to evaluate (repeatable)",
+    )
+    data.add_argument("--workers", type=int, default=1, help="processes reading images")
+    model = parser.add_argument_group("model")
+    model.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    model.add_argument("--backbone", default="orthonode_cnn")
+    model.add_argument(
         "--pretrained",
         type=Path,
         default=None,
         help="local ImageNet state dict for the backbone (never downloaded)",
     )
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=80)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--patience", type=int, default=25)
-    parser.add_argument("--split", type=float, nargs=3, default=(0.75, 0.15, 0.10))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--version", default="0.1.0-demo")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    parser.add_argument("--threads", type=int, default=0)
+    model.add_argument("--size", type=int, default=224, help="classifier input side")
+    model.add_argument("--name", default=None, help="algorithm name in the SR")
+    model.add_argument("--version", default="0.1.0-demo")
+    model.add_argument(
+        "--not-demo",
+        action="store_true",
+        help="weights trained on real data: outputs do not say DEMO WEIGHTS",
+    )
+    roi = parser.add_argument_group("region of interest")
+    roi.add_argument(
+        "--roi",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="crop around the implant (auto: when the set has masks)",
+    )
+    roi.add_argument("--roi-size", type=int, default=256)
+    roi.add_argument("--roi-epochs", type=int, default=25)
+    roi.add_argument("--roi-lr", type=float, default=3e-3)
+    roi.add_argument("--roi-threshold", type=float, default=0.5)
+    roi.add_argument("--roi-margin", type=float, default=0.12)
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=int, default=60)
+    optim.add_argument("--batch-size", type=int, default=32)
+    optim.add_argument("--lr", type=float, default=3e-3, help="peak of the one-cycle schedule")
+    optim.add_argument("--weight-decay", type=float, default=1e-4)
+    optim.add_argument("--patience", type=int, default=20, help="early stopping, epochs")
+    optim.add_argument("--no-augment", action="store_true")
+    optim.add_argument("--seed", type=int, default=0)
+    optim.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint*.pt")
+    decision = parser.add_argument_group("decision")
+    decision.add_argument(
+        "--min-sensitivity",
+        type=float,
+        default=0.95,
+        help="two classes: validation sensitivity the operating point keeps",
+    )
+    decision.add_argument(
+        "--abstain",
+        type=float,
+        default=0.4,
+        help="more classes: 'undetermined' below this probability",
+    )
+    machine = parser.add_argument_group("machine")
+    machine.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    machine.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    machine.add_argument("--progress", action="store_true", help="progress bars")
     return parser
 
 
@@ -403,5 +480,6 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         sys.stderr.write(f"fit: {error}\n")
         return 2
-    sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
+    if metrics:
+        sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
     return 0

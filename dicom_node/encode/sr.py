@@ -34,7 +34,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
 
-from dicom_node.domain import ClassInfo, Prediction
+from dicom_node.domain import ClassInfo, Prediction, decide
 from dicom_node.encode.sc import (
     algorithm_equipment,
     laterality_of,
@@ -262,7 +262,7 @@ def _group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """One TID 1501 group: finding, site, algorithm, predicted class, certainty, probabilities."""
     task = _TASKS[prediction.task]
-    best = max(range(len(probabilities)), key=lambda index: probabilities[index])
+    best = decide(tuple(probabilities), prediction.decision_threshold)
     certainty = float(probabilities[best])
     if prediction.abstained or certainty < prediction.threshold:
         value = _UNDETERMINED

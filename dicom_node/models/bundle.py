@@ -2,9 +2,10 @@
 
 The card says everything the node needs to use the weights the way they were trained: task,
 classes and their codes, backbone, input size, preprocessing, decision threshold, temperature,
-the AP + lateral stacker, metrics, version, and the sha256 of model.pt — a bundle whose sha256
-does not match is refused. Schema: docs/bundles.md. ``train`` writes bundles with
-:func:`save_bundle`; the node reads them with :func:`load_bundle`.
+the AP + lateral stacker, the region-of-interest localiser (``localiser.pt``, optional), metrics,
+version, and the sha256 of every weight file — a bundle whose sha256 does not match is refused.
+Schema: docs/bundles.md. ``train`` writes bundles with :func:`save_bundle`; the node reads them
+with :func:`load_bundle`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,19 @@ from torch import nn
 from dicom_node.domain import ClassInfo, ModelInfo
 from dicom_node.errors import BundleError
 from dicom_node.models.backbones import build_backbone
+from dicom_node.models.localiser import Localiser
 
-__all__ = ["Bundle", "Card", "CardClass", "Stacker", "load_bundle", "save_bundle", "sha256_file"]
+__all__ = [
+    "Bundle",
+    "Card",
+    "CardClass",
+    "RoiSpec",
+    "Stacker",
+    "load_bundle",
+    "save_bundle",
+    "sha256_file",
+    "update_card",
+]
 
 CARD_SCHEMA_VERSION = 1
 
@@ -48,6 +60,18 @@ class Stacker(BaseModel):
     intercepts: list[float]  # classes
 
 
+class RoiSpec(BaseModel):
+    """The region-of-interest stage: a :class:`~dicom_node.models.localiser.Localiser`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    file: str = Field(default="localiser.pt", pattern=r"^[A-Za-z0-9_.-]+\.pt$")
+    sha256: str
+    input_size: int = Field(default=256, ge=64, le=1024, description="whole-image input side")
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="implant probability")
+    margin: float = Field(default=0.15, ge=0.0, le=1.0, description="context, share of side")
+
+
 class Card(BaseModel):
     """card.json."""
 
@@ -66,8 +90,15 @@ class Card(BaseModel):
     normalisation: str = Field(default="imagenet", description="imagenet or unit")
     views: list[str] = Field(default_factory=lambda: ["AP", "LAT"])
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    decision_threshold: float | None = Field(
+        default=None,
+        gt=0.0,
+        lt=1.0,
+        description="two classes only: the second class when its probability is at or above it",
+    )
     temperature: float = Field(default=1.0, gt=0.0)
     stacker: Stacker | None = None
+    roi: RoiSpec | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     model_sha256: str
@@ -80,6 +111,7 @@ class Bundle:
     path: Path
     card: Card
     model: nn.Module
+    localiser: nn.Module | None = None
 
     @property
     def classes(self) -> tuple[ClassInfo, ...]:
@@ -122,41 +154,82 @@ def load_card(path: Path) -> Card:
         raise BundleError(f"{card_path} is not a valid card: {error}") from None
 
 
+def _verified(path: Path, expected: str) -> Path:
+    if not path.is_file():
+        raise BundleError(f"{path} is missing")
+    actual = sha256_file(path)
+    if actual != expected:
+        raise BundleError(
+            f"{path} sha256 {actual[:12]}… does not match the card's "
+            f"{expected[:12]}…; the bundle was altered or is incomplete"
+        )
+    return path
+
+
+def _load_state(model: nn.Module, weights: Path, what: str) -> None:
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except (RuntimeError, OSError, ValueError) as error:
+        raise BundleError(f"{weights} does not fit {what}: {error}") from None
+
+
 def load_bundle(path: Path, device: torch.device | str = "cpu") -> Bundle:
     """Read, verify (sha256) and instantiate a bundle.
 
     Raises
     ------
     BundleError
-        When a file is missing, the card is invalid, the sha256 differs, or the weights do not
+        When a file is missing, the card is invalid, a sha256 differs, or the weights do not
         fit the backbone.
     """
     card = load_card(path)
-    weights = path / "model.pt"
-    if not weights.is_file():
-        raise BundleError(f"{weights} is missing")
-    actual = sha256_file(weights)
-    if actual != card.model_sha256:
-        raise BundleError(
-            f"{weights} sha256 {actual[:12]}… does not match the card's "
-            f"{card.model_sha256[:12]}…; the bundle was altered or is incomplete"
-        )
+    if card.decision_threshold is not None and len(card.classes) != 2:
+        raise BundleError(f"{path / 'card.json'}: decision_threshold needs exactly two classes")
+    weights = _verified(path / "model.pt", card.model_sha256)
     model = build_backbone(card.backbone, len(card.classes))
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except (RuntimeError, OSError, ValueError) as error:
-        raise BundleError(f"{weights} does not fit backbone {card.backbone}: {error}") from None
+    _load_state(model, weights, f"backbone {card.backbone}")
     model.eval().to(device)
-    return Bundle(path=path, card=card, model=model)
+    localiser = None
+    if card.roi is not None:
+        localiser = Localiser()
+        _load_state(localiser, _verified(path / card.roi.file, card.roi.sha256), "the localiser")
+        localiser.eval().to(device)
+    return Bundle(path=path, card=card, model=model, localiser=localiser)
 
 
-def save_bundle(path: Path, model: nn.Module, card_fields: dict[str, Any]) -> Card:
-    """Write model.pt and card.json (the sha256 is computed here)."""
+def save_bundle(
+    path: Path,
+    model: nn.Module,
+    card_fields: dict[str, Any],
+    localiser: nn.Module | None = None,
+) -> Card:
+    """Write model.pt (and localiser.pt) and card.json (the sha256s are computed here)."""
     path.mkdir(parents=True, exist_ok=True)
     weights = path / "model.pt"
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    torch.save(state, weights)
-    card = Card.model_validate({**card_fields, "model_sha256": sha256_file(weights)})
+    torch.save(_cpu_state(model), weights)
+    fields = {**card_fields, "model_sha256": sha256_file(weights)}
+    if localiser is not None:
+        roi = dict(fields.get("roi") or {})
+        target = path / roi.get("file", "localiser.pt")
+        torch.save(_cpu_state(localiser), target)
+        fields["roi"] = {**roi, "file": target.name, "sha256": sha256_file(target)}
+    else:
+        fields["roi"] = None
+        (path / "localiser.pt").unlink(missing_ok=True)
+    card = Card.model_validate(fields)
     (path / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
     return card
+
+
+def update_card(path: Path, changes: dict[str, Any]) -> Card:
+    """Change fields of a bundle's card (temperature, stacker, metrics...); weights untouched."""
+    card = load_card(path)
+    updated = Card.model_validate({**card.model_dump(), **changes})
+    (path / "card.json").write_text(updated.model_dump_json(indent=2) + "\n")
+    return updated
+
+
+def _cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    module = getattr(model, "module", model)  # unwrap DistributedDataParallel
+    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}

@@ -10,6 +10,7 @@ from dicom_node.config import load_config
 from dicom_node.infer import Predictor
 from dicom_node.service import load_bundles
 from tests.conftest import make_set
+from train.data import read_dataset
 from train.evaluate import study_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,10 +35,10 @@ def test_demo_weights_name_the_true_class(
     """Fresh phantoms (a seed no bundle was trained on): most studies get the right class."""
     bundles = load_bundles(load_config(ROOT / "conf.yaml"))
     folder = make_set(tmp_path, task, task=task, patients=patients, seed=900)
-    jobs, studies = study_jobs(folder, task)
+    jobs, studies = study_jobs(read_dataset(folder))
     results = Predictor({task: bundles[task]}).predict(jobs)
     correct = sum(
-        prediction.predicted_index == int(studies[prediction.study_instance_uid][0]["label_index"])
+        prediction.predicted_index == studies[prediction.study_instance_uid][0].label_index
         for prediction, _ in results
     )
     assert correct >= needed, f"{correct}/{len(jobs)} correct"

@@ -1,4 +1,5 @@
-"""python -m train fit: split, metrics, and a tiny train → export → node loads → predicts run."""
+"""python -m train fit: splits, data formats, augmentation, and a tiny train → bundle → node
+loads → predicts run (with and without the region-of-interest stage)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from dicom_node.infer import Predictor
 from dicom_node.models.bundle import load_bundle
 from tests.conftest import make_set
 from train.__main__ import main as train_main
-from train.fit import augment_batch, expected_calibration_error, split_patients
+from train.data import kfold_patients, read_dataset, split_patients
+from train.engine import augment_batch
+from train.metrics import expected_calibration_error
 
 
 def test_split_is_patient_level_stratified_and_deterministic() -> None:
@@ -41,45 +44,90 @@ def test_ece_matches_a_hand_computation() -> None:
     assert expected_calibration_error(perfect, labels) == pytest.approx(0.0)
 
 
-def test_augmentation_keeps_shape_and_changes_pixels() -> None:
-    batch = torch.randn(4, 1, 64, 64)
+def test_kfold_covers_every_patient_once_as_test() -> None:
+    patients = [f"p{i}" for i in range(50)]
+    labels = [i % 2 for i in range(50)]
+    tested = []
+    for fold in range(5):
+        split = kfold_patients(patients, labels, 5, fold, 0.2, seed=3)
+        test = [p for p, s in split.items() if s == "test"]
+        assert len(test) == 10 and sum(labels[int(p[1:])] for p in test) == 5
+        assert sum(s == "val" for s in split.values()) == 8
+        tested += test
+    assert sorted(tested) == sorted(patients)
+    with pytest.raises(ValueError, match="fold 5"):
+        kfold_patients(patients, labels, 5, 5, 0.2, seed=3)
+
+
+def test_augmentation_keeps_shape_statistics_and_moves_masks_with_the_image() -> None:
     generator = torch.Generator().manual_seed(0)
-    out = augment_batch(batch, generator)
+    batch = torch.zeros(4, 1, 64, 64)
+    batch[:, :, 16:40, 8:32] = 5.0
+    targets = (torch.nn.functional.avg_pool2d(batch, 8) > 2.5).float()  # 3 × 3 cells
+    batch = (batch - batch.mean()) / batch.std()
+    out, moved = augment_batch(batch, generator, targets)
     assert out.shape == batch.shape and not torch.allclose(out, batch)
+    # Intensity changes keep each image's mean and spread (the normalisation stays valid).
+    assert torch.allclose(out.mean(dim=(1, 2, 3)), batch.mean(dim=(1, 2, 3)), atol=1e-4)
+    assert torch.allclose(out.std(dim=(1, 2, 3)), batch.std(dim=(1, 2, 3)), atol=1e-3)
+    assert moved is not None and moved.shape == targets.shape
+    # The moved mask still sits on the bright square of each augmented image.
+    for image, mask in zip(out, moved, strict=True):
+        cells = torch.nn.functional.avg_pool2d(image[None], 8)[0]
+        assert mask.sum() > 0
+        assert cells[mask > 0].mean() > cells[mask == 0].mean()
+
+
+def test_labels_csv_over_a_dicom_folder_matches_the_manifest(tmp_path: Path) -> None:
+    data = make_set(tmp_path, "d", task="spine", patients=4, seed=8, rows=128, cols=128)
+    with (data / "manifest.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    labels = tmp_path / "labels.csv"
+    with labels.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["study_instance_uid", "label"])
+        writer.writerows(sorted({(r["study_instance_uid"], r["label"]) for r in rows}))
+    (data / "notes.txt").write_text("not DICOM")  # skipped, not an error
+    from_labels = read_dataset(data / "dicom", labels)
+    from_manifest = read_dataset(data)
+    assert from_labels.task == "spine" and len(from_labels.samples) == len(rows) == 8
+
+    def key(s: object) -> tuple[str, str, int]:
+        return (s.sop_instance_uid, s.view, s.label_index)  # type: ignore[attr-defined]
+
+    assert sorted(map(key, from_labels.samples)) == sorted(map(key, from_manifest.samples))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("study_instance_uid,label\n" + rows[0]["study_instance_uid"] + ",Titanium\n")
+    with pytest.raises(ValueError, match="not a spine class"):
+        read_dataset(data / "dicom", bad)
+    with pytest.raises(ValueError, match="--labels"):
+        read_dataset(data / "dicom")
 
 
 @pytest.mark.slow
-def test_tiny_train_export_load_predict(tmp_path: Path) -> None:
-    data = make_set(tmp_path, "data", task="knee", patients=30, seed=6, rows=128, cols=128)
+@pytest.mark.parametrize("roi", ["off", "on"])
+def test_tiny_train_bundle_load_predict(tmp_path: Path, roi: str) -> None:
+    data = make_set(tmp_path, "data", task="knee", patients=30, seed=6, rows=192, cols=192)
+    external = make_set(tmp_path, "ext", task="knee", patients=6, seed=7, rows=160, cols=192)
     out = tmp_path / "bundle"
-    code = train_main(
-        [
-            "fit",
-            "--data",
-            str(data),
-            "--out",
-            str(out),
-            "--size",
-            "96",
-            "--epochs",
-            "2",
-            "--threads",
-            "2",
-            "--version",
-            "0.0.1-test",
-            "--split",
-            "0.6",
-            "0.2",
-            "0.2",
-        ]
-    )
-    assert code == 0
+    arguments = ["fit", "--data", str(data), "--out", str(out), "--size", "96"]
+    arguments += ["--epochs", "2", "--roi-epochs", "2", "--roi-size", "128", "--roi", roi]
+    arguments += ["--threads", "2", "--version", "0.0.1-test", "--split", "0.6", "0.2", "0.2"]
+    arguments += ["--external", str(external)]
+    assert train_main(arguments) == 0
     bundle = load_bundle(out)
     card = json.loads((out / "card.json").read_text())
     assert card["task"] == "knee" and card["version"] == "0.0.1-test" and card["demo"] is True
     assert card["training"]["data_fingerprint"] and card["temperature"] > 0
-    assert set(card["metrics"]) >= {"view_AP", "view_LAT", "fused"}
-    assert not (out / "checkpoint.pt").exists()
+    assert card["training"]["command"].startswith("python -m train fit --data")
+    assert set(card["metrics"]) >= {"AP", "LAT", "fused", "external:ext"}
+    assert (card["roi"] is not None) == (roi == "on") == (bundle.localiser is not None)
+    assert not list(out.glob("checkpoint*.pt"))
+    report = (out / "report" / "report.md").read_text()
+    assert "test fused" in report and "external ext fused" in report
+    assert (out / "report" / "roc_test_fused.png").read_bytes()[:4] == b"\x89PNG"
+    split = (out / "split.csv").read_text()
+    assert "PH-KNEE" not in split  # UIDs only, never patient identifiers
     with (data / "manifest.csv").open() as handle:
         rows = [r for r in csv.DictReader(handle) if r["patient_id"] == "PH-KNEE-S6-00000"]
     views = tuple(
@@ -90,26 +138,26 @@ def test_tiny_train_export_load_predict(tmp_path: Path) -> None:
         )
         for r in rows
     )
-    [(prediction, _)] = Predictor({"knee": bundle}).predict(
+    [(prediction, prepared)] = Predictor({"knee": bundle}).predict(
         [StudyJob(rows[0]["study_instance_uid"], "knee", views)]
     )
     assert len(prediction.probabilities) == 6
     assert prediction.fused_probabilities is not None
     assert abs(sum(prediction.probabilities) - 1.0) < 1e-6
+    assert (prepared[0].region is not None) == (roi == "on")
     # evaluate goes through the node's Predictor; its fused accuracy must match a recount.
     from train.evaluate import evaluate, to_markdown
 
-    report = evaluate(out, data, saliency="gradcam")
-    assert report["saliency"]["images"] == 60
-    assert 0.0 <= report["saliency"]["mass_in_mask"] <= 1.0
-    assert report["patients"] == 30 and report["AP"]["n"] == 30
-    assert set(report) >= {"AP", "LAT", "fused"}
-    matrix = np.array(report["fused"]["confusion"])
+    result = evaluate(out, data, saliency="gradcam")
+    assert result["saliency"]["images"] == 60
+    assert 0.0 <= result["saliency"]["mass_in_mask"] <= 1.0
+    assert result["patients"] == 30 and result["sections"]["AP"]["n"] == 30
+    assert list(result["sections"]) == ["AP", "LAT", "fused"]
+    matrix = np.array(result["sections"]["fused"]["confusion"])
     assert matrix.sum() == 30
-    assert report["fused"]["accuracy"] == pytest.approx(np.trace(matrix) / 30, abs=1e-4)
-    assert 0.0 <= report["AP"]["auc_macro"] <= 1.0
-    markdown = to_markdown(report, "held-out")
-    assert "| fused | 30 |" in markdown and "Zimmer Persona" in markdown
+    assert result["sections"]["fused"]["accuracy"] == pytest.approx(np.trace(matrix) / 30, abs=1e-4)
+    markdown = to_markdown(result, "held-out")
+    assert "fused" in markdown and "Zimmer Persona" in markdown and "30 patients" in markdown
 
 
 def test_saliency_in_mask() -> None:
