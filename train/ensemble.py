@@ -1,4 +1,6 @@
-"""AP + lateral fusion: the logistic-regression stacker, as in the screw study.
+"""AP + lateral fusion: the logistic-regression stacker, as in the screw study
+(``python -m train ensemble`` refits it for a bundle; ``fit`` runs the same on its validation
+split).
 
 Per study, the views' calibrated probabilities go in as concatenated log-probabilities; a
 multinomial logistic regression fitted on validation studies gives the fused probabilities.
@@ -9,8 +11,12 @@ mean of the views there (log-loss, cross-validated), none is stored and the node
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +28,7 @@ from dicom_node.infer import fuse
 from dicom_node.models.bundle import Stacker
 from train.data import Sample
 
-__all__ = ["by_study", "fit_stacker", "fused_probabilities"]
+__all__ = ["by_study", "fit_stacker", "fused_probabilities", "get_args_parser", "main", "refit"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,7 @@ def fit_stacker(
     """
     x = _features(per_view, views)
     mean = np.array([np.mean([p[v] for v in views], axis=0) for p in per_view])
+    mean /= mean.sum(axis=1, keepdims=True)  # float32 softmax outputs sum to 1 ± 1e-7
     scores = {"mean_log_loss": float(log_loss(labels, mean, labels=list(range(classes))))}
     counts = np.bincount(labels, minlength=classes)
     folds = int(min(5, counts[counts > 0].min())) if (counts > 0).all() else 0
@@ -112,3 +119,90 @@ def fit_stacker(
         "intercepts": intercepts.tolist(),
     }
     return stacker, scores
+
+
+def refit(
+    bundle_path: Path,
+    data: Path,
+    *,
+    labels: Path | None = None,
+    subset: str = "val",
+    report_subset: str = "test",
+    write: bool = True,
+) -> dict[str, Any]:
+    """Fit the stacker on ``subset`` of ``data``; compare single views, their mean and the
+    stacker on ``report_subset`` (side by side); store it in the card when ``write``."""
+    from dicom_node.models.bundle import load_bundle, update_card
+    from train.data import read_dataset
+    from train.evaluate import predict_views, select_studies
+    from train.metrics import classification_metrics
+
+    bundle = load_bundle(bundle_path)
+    views = list(bundle.card.views)
+    if len(views) != 2:
+        raise ValueError(f"the {bundle.card.task} bundle has one view ({views}); nothing to fuse")
+    names = [c.name for c in bundle.classes]
+    full = read_dataset(data, labels)
+    samples, probabilities = predict_views(bundle, select_studies(full, bundle_path, subset))
+    _, per_view, truth = by_study(samples, np.arange(len(samples)), probabilities, views)
+    stacker, scores = fit_stacker(per_view, truth, views, len(names))
+    result: dict[str, Any] = {"fitted_on": {"subset": subset, "studies": len(truth)}, **scores}
+    try:
+        shown = select_studies(full, bundle_path, report_subset)
+    except ValueError:
+        shown = None
+    if shown is not None:
+        samples, probabilities = predict_views(bundle, shown)
+        _, per_view, truth = by_study(samples, np.arange(len(samples)), probabilities, views)
+        table = {}
+        threshold = bundle.card.decision_threshold
+        for view in views:
+            p = np.array([v[view] for v in per_view])
+            table[view] = classification_metrics(p, truth, names, threshold)
+        table["mean"] = classification_metrics(
+            fused_probabilities(per_view, None), truth, names, threshold
+        )
+        if stacker:
+            table["stacker"] = classification_metrics(
+                fused_probabilities(per_view, stacker), truth, names, threshold
+            )
+        result["compared_on"] = {"subset": report_subset, "studies": len(truth)}
+        result["side_by_side"] = {
+            name: {k: m[k] for k in ("accuracy", "auc", "auc_macro", "ece") if k in m}
+            for name, m in table.items()
+        }
+    if write:
+        update_card(bundle_path, {"stacker": stacker})
+    return result
+
+
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m train ensemble",
+        add_help=add_help,
+        description="Fit the AP + lateral stacker of a bundle; single views vs fused.",
+    )
+    parser.add_argument("--bundle", type=Path, required=True)
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--labels", type=Path, default=None)
+    parser.add_argument("--subset", choices=["val", "all"], default="val")
+    parser.add_argument("--report-subset", choices=["test", "all"], default="test")
+    parser.add_argument("--dry-run", action="store_true", help="report, do not change the card")
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        result = refit(
+            args.bundle,
+            args.data,
+            labels=args.labels,
+            subset=args.subset,
+            report_subset=args.report_subset,
+            write=not args.dry_run,
+        )
+    except (OSError, ValueError) as error:
+        sys.stderr.write(f"ensemble: {error}\n")
+        return 2
+    sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    return 0

@@ -13,8 +13,10 @@ confusion plots; ``--markdown FILE`` appends the tables to a model card.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,21 @@ from scipy import ndimage
 from dicom_node.domain import InstanceRef, RoutedView, StudyJob
 from dicom_node.explain import explain
 from dicom_node.infer import Predictor
-from dicom_node.models.bundle import load_bundle
+from dicom_node.models.bundle import Bundle, load_bundle
 from train.data import LabelledSet, Sample, read_dataset
 from train.metrics import classification_metrics
 from train.report import Section, markdown_summary, write_report
 
-__all__ = ["evaluate", "get_args_parser", "main", "saliency_in_mask", "study_jobs", "to_markdown"]
+__all__ = [
+    "evaluate",
+    "get_args_parser",
+    "main",
+    "predict_views",
+    "saliency_in_mask",
+    "select_studies",
+    "study_jobs",
+    "to_markdown",
+]
 
 
 def study_jobs(dataset: LabelledSet) -> tuple[list[StudyJob], dict[str, list[Sample]]]:
@@ -55,6 +66,40 @@ def study_jobs(dataset: LabelledSet) -> tuple[list[StudyJob], dict[str, list[Sam
         for uid, members in studies.items()
     ]
     return jobs, studies
+
+
+def select_studies(dataset: LabelledSet, bundle_path: Path, subset: str) -> LabelledSet:
+    """The studies of ``dataset`` in ``subset``: "all", or "val" / "test" of the split that
+    trained the bundle (``split.csv`` beside it, written by ``python -m train fit``)."""
+    if subset == "all":
+        return dataset
+    split_file = bundle_path / "split.csv"
+    if not split_file.is_file():
+        raise ValueError(f"--subset {subset} needs {split_file} (written by train fit)")
+    with split_file.open(newline="") as handle:
+        wanted = {r["study_instance_uid"] for r in csv.DictReader(handle) if r["split"] == subset}
+    samples = tuple(s for s in dataset.samples if s.study_instance_uid in wanted)
+    if not samples:
+        raise ValueError(f"no study of {subset!r} in {split_file} is in this data set")
+    return replace(dataset, samples=samples)
+
+
+def predict_views(
+    bundle: Bundle, dataset: LabelledSet, batch: int = 32
+) -> tuple[list[Sample], np.ndarray]:
+    """Every view's calibrated probabilities, through the node's Predictor (one row per
+    returned sample; views the bundle does not analyse are left out)."""
+    jobs, studies = study_jobs(dataset)
+    predictor = Predictor({dataset.task: bundle})
+    samples, rows = [], []
+    for start in range(0, len(jobs), batch):
+        for prediction, _ in predictor.predict(jobs[start : start + batch]):
+            by_sop = {s.sop_instance_uid: s for s in studies[prediction.study_instance_uid]}
+            for view in prediction.views:
+                samples.append(by_sop[view.view.instance.sop_instance_uid])
+                rows.append(view.probabilities)
+    probabilities = np.array(rows, dtype=np.float64).reshape(len(rows), -1)
+    return samples, probabilities / probabilities.sum(axis=1, keepdims=True)
 
 
 def saliency_in_mask(heatmap: np.ndarray, mask: np.ndarray) -> tuple[float, bool]:

@@ -299,6 +299,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "command": getattr(args, "command_line", "") or _command(),
             "args": {k: str(v) for k, v in vars(args).items() if k != "command_line"},
             "seconds": round(time.perf_counter() - started, 1),
+            "processes": context.world,
+            "device": context.device.type,
         },
     }
     save_bundle(args.out, model, card, localiser)
@@ -439,7 +441,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="crop around the implant (auto: when the set has masks)",
     )
     roi.add_argument("--roi-size", type=int, default=256)
-    roi.add_argument("--roi-epochs", type=int, default=25)
+    roi.add_argument("--roi-epochs", type=int, default=15)
     roi.add_argument("--roi-lr", type=float, default=3e-3)
     roi.add_argument("--roi-threshold", type=float, default=0.5)
     roi.add_argument("--roi-margin", type=float, default=0.12)
@@ -480,6 +482,9 @@ def main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:
         sys.stderr.write(f"fit: {error}\n")
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     if metrics:
         sys.stdout.write(json.dumps(metrics, indent=2) + "\n")
     return 0

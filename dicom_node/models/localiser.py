@@ -42,8 +42,9 @@ def _block(cin: int, cout: int, dilation: int = 1) -> list[nn.Module]:
 class Localiser(nn.Module):
     """(N, 1, S, S) standardised whole images → (N, 1, S/8, S/8) implant logits.
 
-    About 0.1 M weights. Dilated convolutions at the end give each cell a receptive field of
-    about a third of the image, enough to tell an implant from a bright marker or bone edge.
+    About 40 k weights and 60 M multiply-adds at 256 px, so it adds little to a CPU node's
+    time per study. Dilated convolutions at the end give each cell a receptive field of about
+    a third of the image, enough to tell an implant from a bright marker or a bone edge.
     """
 
     def __init__(self) -> None:
@@ -52,14 +53,13 @@ class Localiser(nn.Module):
             nn.Conv2d(1, 16, 5, stride=2, padding=2, bias=False),
             nn.BatchNorm2d(16),
             nn.ReLU(inplace=True),
-            *_block(16, 24),
             nn.MaxPool2d(2),
-            *_block(24, 48),
+            *_block(16, 32),
             nn.MaxPool2d(2),
-            *_block(48, 64, dilation=2),
-            *_block(64, 64, dilation=4),
+            *_block(32, 48, dilation=2),
+            *_block(48, 48, dilation=4),
         )
-        self.head = nn.Conv2d(64, 1, 1)
+        self.head = nn.Conv2d(48, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
