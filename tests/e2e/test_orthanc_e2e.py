@@ -330,6 +330,8 @@ def test_study_round_trip(
     expected_class = expected.classes[expected.predicted_index]
     sr = pydicom.dcmread(sr_path)
     assert expected_class.code_value in _coded_values(sr)
+    # ... and the demo bundle names the phantom's true class.
+    assert expected_class.name == rows[0]["label"], (expected_class.name, rows[0]["label"])
     certainty = _certainties(sr)
     assert any(abs(c - 100 * expected.certainty) < 0.05 for c in certainty), (certainty, expected)
 
