@@ -152,6 +152,7 @@ class Explanation:
     view: RoutedView
     heatmap: np.ndarray = field(repr=False)  # float32 (Rows, Columns) in [0, 1]
     method: str = "Grad-CAM"  # or "Integrated gradients"
+    region: RegionOfInterest | None = None  # the square the classifier read (outlined on SC)
 
 
 @dataclass(frozen=True)

@@ -59,4 +59,6 @@ def explain(
         raise ValueError(f"unknown saliency method {method!r}; use {sorted(METHODS)}")
     rows, cols = view.display.shape
     source = heatmap_to_source(_normalise(heat), rows, cols, view.region)
-    return Explanation(view=view.view, heatmap=_normalise(source), method=METHODS[method])
+    return Explanation(
+        view=view.view, heatmap=_normalise(source), method=METHODS[method], region=view.region
+    )

@@ -25,10 +25,12 @@ __all__ = [
     "Augmentation",
     "DistributedContext",
     "FitSettings",
+    "Guidance",
     "augment_batch",
     "fit_network",
     "fit_temperature",
     "init_distributed",
+    "outside_share",
     "predict_logits",
     "train_one_epoch",
 ]
@@ -186,9 +188,18 @@ def train_one_epoch(
     augmentation: Augmentation | None,
     context: DistributedContext,
     progress: bool = False,
+    guidance: Guidance | None = None,
 ) -> float:
-    """One pass over ``order`` (this rank's shard of it); the mean training loss."""
+    """One pass over ``order`` (this rank's shard of it); the mean training loss.
+
+    With ``guidance``, the loss also counts the share of the guided layer's activation that lies
+    outside each image's implant mask (see :class:`Guidance`).
+    """
     model.train()
+    captured: list[torch.Tensor] = []
+    hook = None
+    if guidance is not None:
+        hook = guidance.layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
     shard = order[context.rank :: context.world]
     batches = len(order) // context.world // batch_size + bool(
         len(order) // context.world % batch_size
@@ -200,22 +211,56 @@ def train_one_epoch(
         if len(index) == 0:  # every rank must step the same number of times
             index = shard[:batch_size]
         inputs, targets = x[index], y[index]
+        masks = guidance.masks[index] if guidance is not None else None
         if augmentation is not None:
-            inputs, moved = augment_batch(
-                inputs, generator, targets if targets.ndim == 4 else None, augmentation
-            )
-            targets = moved if moved is not None else targets
+            maps = targets if targets.ndim == 4 else masks
+            inputs, moved = augment_batch(inputs, generator, maps, augmentation)
+            if targets.ndim == 4:
+                targets = moved if moved is not None else targets
+            else:
+                masks = moved
         inputs, targets = _to_device(inputs, context.device), targets.to(context.device)
         optimiser.zero_grad(set_to_none=True)
+        captured.clear()
         with _autocast(context.device):
             loss = loss_fn(model(inputs).float(), targets)
+            if guidance is not None and masks is not None and captured:
+                outside = outside_share(captured[-1].float(), masks.to(context.device))
+                loss = loss + guidance.weight * outside
         loss.backward()
         optimiser.step()
         if schedule is not None:
             schedule.step()
         total += loss.item() * len(index)
         seen += len(index)
+    if hook is not None:
+        hook.remove()
     return total / max(seen, 1)
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Attention guidance: penalise activation of ``layer`` outside the implant ``masks``.
+
+    Grad-CAM draws its heatmap from the activations of one layer; a network whose activations
+    lie on the implant explains itself on the implant. During training the loss adds ``weight``
+    times the share of that layer's (non-negative) activation outside each image's mask — a
+    form of attention supervision from segmentation masks (as in GAIN, Li et al. 2018, "Tell me
+    where to look"). Needs masks; the phantoms have them.
+    """
+
+    layer: nn.Module
+    masks: torch.Tensor  # (N, 1, h, w) 0/1, any resolution; pooled to the layer's
+    weight: float = 1.0
+
+
+def outside_share(features: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean share of each image's activation mass outside its mask (cells the mask touches
+    count as inside)."""
+    inside = nn.functional.adaptive_max_pool2d(masks, features.shape[-2:])
+    energy = features.clamp_min(0).sum(dim=1, keepdim=True)
+    total = energy.sum(dim=(1, 2, 3)).clamp_min(1e-6)
+    return ((energy * (1 - inside)).sum(dim=(1, 2, 3)) / total).mean()
 
 
 @dataclass(frozen=True)
@@ -245,6 +290,7 @@ def fit_network(
     resume: bool = False,
     context: DistributedContext | None = None,
     name: str = "model",
+    guidance: Guidance | None = None,
 ) -> dict[str, torch.Tensor]:
     """Train with AdamW and a one-cycle cosine schedule; return the best state by val loss.
 
@@ -302,6 +348,7 @@ def fit_network(
             augmentation=settings.augmentation,
             context=context,
             progress=settings.progress and context.main,
+            guidance=guidance,
         )
         val_logits = predict_logits(model, x[val_index], context.device)
         val_loss = float(loss_fn(val_logits, y[val_index]))

@@ -35,13 +35,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from dicom_node.models.backbones import build_backbone
+from dicom_node.domain import RegionOfInterest
+from dicom_node.models.backbones import build_backbone, saliency_layer
 from dicom_node.models.bundle import load_bundle, save_bundle, update_card
 from dicom_node.models.codes import card_classes
 from train.data import LabelledSet, kfold_patients, load_images, read_dataset, split_patients
 from train.engine import (
     Augmentation,
     FitSettings,
+    Guidance,
     fit_network,
     fit_temperature,
     init_distributed,
@@ -50,14 +52,21 @@ from train.engine import (
 from train.ensemble import by_study, fit_stacker, fused_probabilities
 from train.metrics import choose_threshold, classification_metrics
 from train.report import Section, write_report
-from train.roi import LOCALISER_AUGMENTATION, crop_inputs, fit_localiser, locate_all, region_quality
+from train.roi import (
+    LOCALISER_AUGMENTATION,
+    crop_inputs,
+    fit_localiser,
+    input_masks,
+    locate_all,
+    region_quality,
+)
 
 __all__ = ["NORMALISATION", "get_args_parser", "main", "run", "test_sections"]
 
 log = logging.getLogger(__name__)
 
 #: backbone → (normalisation, channels); others: ImageNet statistics, 3 channels.
-NORMALISATION = {"orthonode_cnn": ("standardise", 1)}
+NORMALISATION = {"orthonode_cnn": ("standardise", 1), "orthonode_cnn16": ("standardise", 1)}
 
 
 def _git_commit() -> str:
@@ -181,6 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shapes = [d.shape for d in loaded.displays]
         regions = locate_all(localiser, loaded.whole, shapes, args.roi_threshold, args.roi_margin)
         x = crop_inputs(loaded.displays, regions, args.size, channels, normalisation)
+        guide_regions: list[RegionOfInterest] | None = regions
         roi_metrics = region_quality(
             [dataset.samples[i] for i in index["test"]], [regions[i] for i in index["test"]]
         )
@@ -188,8 +198,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         assert loaded.inputs is not None
         x = loaded.inputs
+        guide_regions = None
+    if args.attention_loss and not dataset.has_masks:
+        raise ValueError("--attention-loss needs implant masks (a manifest with mask_path)")
 
     model = build_backbone(args.backbone, len(names))
+    guidance = None
+    if args.attention_loss:
+        guidance = Guidance(
+            saliency_layer(model, args.backbone),
+            input_masks(dataset.samples, guide_regions, args.size),
+            args.attention_loss,
+        )
     if args.pretrained:
         state = torch.load(args.pretrained, map_location="cpu", weights_only=True)
         missing = model.load_state_dict(state, strict=False)
@@ -227,6 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         resume=args.resume,
         context=context,
         name="classifier",
+        guidance=guidance,
     )
     if not context.main:
         return {}
@@ -452,6 +473,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--weight-decay", type=float, default=1e-4)
     optim.add_argument("--patience", type=int, default=20, help="early stopping, epochs")
     optim.add_argument("--no-augment", action="store_true")
+    optim.add_argument(
+        "--attention-loss",
+        type=float,
+        default=0.0,
+        help="weight of the attention guidance: the share of the saliency layer's activation "
+        "outside the implant mask (needs masks; 0: off)",
+    )
     optim.add_argument("--seed", type=int, default=0)
     optim.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint*.pt")
     decision = parser.add_argument_group("decision")

@@ -20,10 +20,10 @@ from torch import nn
 from dicom_node.domain import RegionOfInterest
 from dicom_node.models.localiser import Localiser, locate
 from dicom_node.preprocess import crop_square, to_model_input
-from train.data import Loaded, Sample
+from train.data import Loaded, Sample, mask_target
 from train.engine import Augmentation, DistributedContext, FitSettings, fit_network
 
-__all__ = ["crop_inputs", "fit_localiser", "locate_all", "region_quality"]
+__all__ = ["crop_inputs", "fit_localiser", "input_masks", "locate_all", "region_quality"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,24 @@ def crop_inputs(
             for d, r in zip(displays, regions, strict=True)
         ]
     )
+
+
+def input_masks(
+    samples: Sequence[Sample],
+    regions: Sequence[RegionOfInterest] | None,
+    size: int,
+) -> torch.Tensor:
+    """Implant masks aligned with the classifier inputs: (N, 1, size/8, size/8), a cell is 1
+    when the mask touches it. With ``regions`` the mask is cropped as the image was."""
+    targets = []
+    for i, sample in enumerate(samples):
+        if sample.mask_path is None:
+            raise ValueError(f"image {sample.sop_instance_uid} has no mask for attention guidance")
+        mask = (np.asarray(Image.open(sample.mask_path)) > 0).astype(np.float32)
+        if regions is not None:
+            mask = crop_square(mask, regions[i])
+        targets.append(mask_target(mask, size))
+    return torch.stack(targets)
 
 
 def region_quality(

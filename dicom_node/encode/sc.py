@@ -38,7 +38,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import DA, DT, TM
 
-from dicom_node.domain import Explanation, ModelInfo, Prediction
+from dicom_node.domain import Explanation, ModelInfo, Prediction, RegionOfInterest
 from dicom_node.errors import EncodeError
 
 __all__ = [
@@ -168,7 +168,10 @@ def build_secondary_capture(
     factor = max(1, math.ceil(max(rows, columns) / MAX_SIDE))
     if factor > 1:
         image, heatmap = _reduce(image, factor), _reduce(heatmap, factor)
-    pixels = _annotate(_blend(image, heatmap), burned_in_text(prediction, explanation))
+    blended = _blend(image, heatmap)
+    if explanation.region is not None:
+        _outline(blended, explanation.region, factor)
+    pixels = _annotate(blended, burned_in_text(prediction, explanation))
 
     header = patient_study_header(source)
     model = prediction.model
@@ -268,13 +271,20 @@ def burned_in_text(prediction: Prediction, explanation: Explanation) -> BurnedIn
             f"{task}: undetermined (best {top.name} {percent}, "
             f"below {100 * prediction.threshold:.0f}% threshold){scope}"
         )
+    elif prediction.decision_threshold is not None:
+        positive = prediction.classes[1].name
+        result = (
+            f"{task}: {top.name} (P({positive}) {100 * prediction.probabilities[1]:.0f}%, "
+            f"operating point {100 * prediction.decision_threshold:.0f}%){scope}"
+        )
     else:
         result = f"{task}: {top.name} {percent}{scope}"
     view = explanation.view
     side = {"R": ", right", "L": ", left"}.get(view.laterality or "", "")
+    region = "; dashed box: region analysed" if explanation.region is not None else ""
     details = (
         result,
-        f"{explanation.method} heatmap for {top.name} — {view.view} view{side}",
+        f"{explanation.method} heatmap for {top.name} — {view.view} view{side}{region}",
         f"Model: {model.name}, version {model.version}",
     )
     return BurnedInText(banner=banner, details=details)
@@ -368,6 +378,8 @@ def _derivation_description(explanation: Explanation, model: ModelInfo, factor: 
         f"{explanation.method} saliency of {model.name} {model.version} blended over the "
         "displayed source image; result and warnings burned in"
     )
+    if explanation.region is not None:
+        text += "; the region the model analysed is outlined"
     if factor > 1:
         text += f"; downscaled by {factor} (area average)"
     return text
@@ -382,6 +394,26 @@ def _reduce(image: np.ndarray, factor: int) -> np.ndarray:
     )
     blocks = padded.reshape(out_rows, factor, out_columns, factor)
     return blocks.mean(axis=(1, 3)).astype(np.float32)
+
+
+def _outline(rgb: np.ndarray, region: RegionOfInterest, factor: int) -> None:
+    """Draw the analysed region's edges (dashed, light grey) where they lie inside the image."""
+    rows, columns = rgb.shape[:2]
+    width = max(1, round(max(rows, columns) / 512))
+    top, left = region.top // factor, region.left // factor
+    bottom, right = (region.top + region.side) // factor, (region.left + region.side) // factor
+    dashes = (np.arange(max(rows, columns)) // (6 * width)) % 2 == 0
+    colour = np.array([220, 220, 220], dtype=np.uint8)
+    for edge in (top, bottom - width):
+        if edge >= 0 and edge + width <= rows:
+            span = slice(max(left, 0), min(right, columns))
+            on = dashes[span]
+            rgb[edge : edge + width, span][:, on] = colour
+    for edge in (left, right - width):
+        if edge >= 0 and edge + width <= columns:
+            span = slice(max(top, 0), min(bottom, rows))
+            on = dashes[span]
+            rgb[span, edge : edge + width][on] = colour
 
 
 def _colour_map(values: np.ndarray) -> np.ndarray:

@@ -27,6 +27,7 @@ from dicom_node.domain import (
     InstanceRef,
     ModelInfo,
     Prediction,
+    RegionOfInterest,
     RoutedView,
     ViewPrediction,
 )
@@ -698,3 +699,32 @@ def test_sc_rejects_a_heatmap_off_the_grid_or_of_another_image(phantoms: dict[st
     other.SOPInstanceUID = pydicom.uid.generate_uid()
     with pytest.raises(EncodeError, match="explanation is of"):
         build_secondary_capture(other, display, right, prediction)
+
+
+def test_sc_outlines_the_analysed_region_and_names_the_operating_point(
+    phantoms: dict[str, Path],
+) -> None:
+    sources, paths, _ = read_sources(phantoms["hip"])
+    prediction = replace(
+        make_prediction("hip", sources, paths, ["AP"], [(0.7, 0.3)], None, threshold=0.0),
+        decision_threshold=0.25,
+    )
+    display = display_image(sources[0])
+    rows = display.shape[0]
+    region = RegionOfInterest(top=rows // 4, left=-10, side=rows // 2)  # past the left edge
+    heat = np.zeros_like(display)
+    explanation = Explanation(prediction.views[0].view, heat, region=region)
+    sc = build_secondary_capture(sources[0], display, explanation, prediction, now=NOW)
+    rgb = sc.pixel_array.astype(int)
+    grey = np.rint(display * 255).astype(int)
+    top_edge = rgb[rows // 4, : rows // 2 - 10]
+    # Dashed light-grey edge: about half of its pixels changed to (220, 220, 220).
+    drawn = (top_edge == 220).all(axis=1)
+    assert 0.3 < drawn.mean() < 0.7
+    # The left edge lies outside the image: nothing drawn at column 0 away from the top edge.
+    assert (rgb[rows // 2, 0] == grey[rows // 2, 0]).all()
+    assert "outlined" in sc.DerivationDescription
+    text = burned_in_text(prediction, explanation)
+    # P(loose) 30 % reaches the 25 % operating point: "loose", with both numbers shown.
+    assert text.details[0].endswith(": loose (P(loose) 30%, operating point 25%)")
+    assert "dashed box" in text.details[1]

@@ -170,3 +170,59 @@ def test_saliency_in_mask() -> None:
     assert saliency_in_mask(heat, mask) == (0.75, True)
     assert saliency_in_mask(heat, ~mask) == (0.25, False)
     assert saliency_in_mask(np.zeros((4, 4)), np.ones((4, 4), dtype=bool)) == (0.0, True)
+
+
+def test_outside_share_counts_activation_outside_the_mask() -> None:
+    from train.engine import outside_share
+
+    features = torch.zeros(2, 3, 4, 4)
+    features[0, :, 0, 0] = 1.0  # inside the mask
+    features[0, :, 3, 3] = 3.0  # outside
+    features[1, :, 1, 1] = 2.0  # inside
+    masks = torch.zeros(2, 1, 8, 8)
+    masks[:, :, 0:4, 0:4] = 1.0  # the top-left quarter (2 × 2 cells at 4 × 4)
+    # image 0: 3 of 4 units outside; image 1: none.
+    assert float(outside_share(features, masks)) == pytest.approx((0.75 + 0.0) / 2)
+
+
+def test_guidance_moves_activation_onto_the_mask() -> None:
+    """A few steps with guidance lower the share of activation outside the mask."""
+    from dicom_node.models.backbones import build_backbone, saliency_layer
+    from train.engine import DistributedContext, Guidance, outside_share, train_one_epoch
+
+    torch.manual_seed(0)
+    model = build_backbone("orthonode_cnn16", 2)
+    x = torch.randn(16, 1, 64, 64)
+    y = torch.randint(0, 2, (16,))
+    masks = torch.zeros(16, 1, 8, 8)
+    masks[:, :, 2:5, 2:5] = 1.0
+    layer = saliency_layer(model, "orthonode_cnn16")
+
+    def share() -> float:
+        model.eval()
+        captured: list[torch.Tensor] = []
+        hook = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        with torch.no_grad():
+            model(x)
+        hook.remove()
+        assert captured[0].shape[-1] == 4  # 1/16 of the input: the fine Grad-CAM grid
+        return float(outside_share(captured[0], masks))
+
+    before = share()
+    optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(15):
+        train_one_epoch(
+            model,
+            x,
+            y,
+            torch.arange(16),
+            loss_fn=torch.nn.functional.cross_entropy,
+            optimiser=optimiser,
+            schedule=None,
+            batch_size=16,
+            generator=torch.Generator().manual_seed(0),
+            augmentation=None,
+            context=DistributedContext(),
+            guidance=Guidance(layer, masks, weight=5.0),
+        )
+    assert share() < before - 0.2
