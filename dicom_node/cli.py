@@ -91,8 +91,13 @@ def _check_config(args: argparse.Namespace) -> int:
     bundles = load_bundles(config)
     for task, bundle in bundles.items():
         card = bundle.card
+        details = [card.backbone, f"{card.input_size} px"]
+        if card.roi is not None:
+            details.append("region of interest")
+        if card.decision_threshold is not None:
+            details.append(f"operating point {card.decision_threshold:.3f}")
         sys.stdout.write(
-            f"  {task}: {card.name} {card.version} ({card.backbone}, {card.input_size} px)"
+            f"  {task}: {card.name} {card.version} ({', '.join(details)})"
             f"{' DEMO WEIGHTS - not for clinical use' if card.demo else ''}\n"
         )
     return 0

@@ -32,8 +32,9 @@ __all__ = ["Service", "load_bundles"]
 log = logging.getLogger(__name__)
 
 _TRAIN_HINT = (
-    "python -m train synth --task {task} --patients 400 --size 256 --out data/{task} && "
-    "python -m train fit --data data/{task} --out {path}"
+    "python -m train synth --task {task} --patients 400 --out data/{task} && "
+    "python -m train fit --data data/{task} --out runs/{task} && "
+    "python -m train export --bundle runs/{task} --out {path}"
 )
 
 

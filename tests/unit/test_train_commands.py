@@ -152,3 +152,25 @@ def test_torchrun_trains_with_two_processes(hip_data: Path, tmp_path: Path) -> N
     card = load_bundle(out).card
     assert card.training["processes"] == 2
     assert card.training["command"].startswith("python -m train fit")
+
+
+@pytest.mark.slow
+def test_evaluate_writes_report_markdown_and_json(
+    knee_run: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, run = knee_run
+    card = tmp_path / "card.md"
+    card.write_text("# Model card\n\n")
+    arguments = ["evaluate", "--bundle", str(run), "--data", str(data), "--title", "Held out"]
+    arguments += ["--report", str(tmp_path / "report"), "--markdown", str(card)]
+    assert train_main([*arguments, "--out", str(tmp_path / "m.json")]) == 0
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["studies"] == 24 and set(metrics["sections"]) == {"AP", "LAT", "fused"}
+    assert "raw" not in metrics  # arrays stay out of the JSON
+    text = card.read_text()
+    assert text.startswith("# Model card") and "Held out" in text and "24 patients" in text
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "reliability_fused.png" in report
+    assert (tmp_path / "report" / "reliability_fused.png").is_file()
+    bad = ["evaluate", "--bundle", str(run), "--data", str(tmp_path / "nothing")]
+    assert train_main(bad) == 2
