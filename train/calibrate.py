@@ -24,7 +24,8 @@ from train.data import read_dataset
 from train.engine import fit_temperature
 from train.ensemble import by_study, fused_probabilities
 from train.evaluate import predict_views, select_studies
-from train.metrics import choose_threshold, expected_calibration_error
+from train.fit import operating_point
+from train.metrics import expected_calibration_error
 
 __all__ = ["calibrate", "get_args_parser", "main"]
 
@@ -36,6 +37,7 @@ def calibrate(
     labels: Path | None = None,
     subset: str = "val",
     min_sensitivity: float | None = None,
+    min_specificity: float | None = None,
     write: bool = True,
 ) -> dict[str, Any]:
     """Fit the temperature (and operating point) on ``data``; update the card when ``write``."""
@@ -65,13 +67,17 @@ def calibrate(
         else:
             scores, study_truth = recalibrated[:, 1], truth
         sensitivity = min_sensitivity if min_sensitivity is not None else 0.95
-        threshold = choose_threshold(scores, study_truth, sensitivity)
+        threshold = operating_point(scores, study_truth, sensitivity, min_specificity)
         changes["decision_threshold"] = threshold
         changes["threshold"] = 0.0
         result["decision_threshold"] = {
             "before": bundle.card.decision_threshold,
             "after": round(threshold, 4),
-            "min_sensitivity": sensitivity,
+            **(
+                {"min_specificity": min_specificity}
+                if min_specificity is not None
+                else {"min_sensitivity": sensitivity}
+            ),
         }
     if write:
         update_card(bundle_path, changes)
@@ -94,6 +100,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         help="val: the validation split that trained the bundle; all: every study of --data",
     )
     parser.add_argument("--min-sensitivity", type=float, default=None)
+    parser.add_argument("--min-specificity", type=float, default=None)
     parser.add_argument("--dry-run", action="store_true", help="report, do not change the card")
     return parser
 
@@ -106,6 +113,7 @@ def main(args: argparse.Namespace) -> int:
             labels=args.labels,
             subset=args.subset,
             min_sensitivity=args.min_sensitivity,
+            min_specificity=args.min_specificity,
             write=not args.dry_run,
         )
     except (OSError, ValueError) as error:

@@ -50,7 +50,11 @@ from train.engine import (
     predict_logits,
 )
 from train.ensemble import by_study, fit_stacker, fused_probabilities
-from train.metrics import choose_threshold, classification_metrics
+from train.metrics import (
+    choose_threshold,
+    choose_threshold_for_specificity,
+    classification_metrics,
+)
 from train.report import Section, write_report
 from train.roi import (
     LOCALISER_AUGMENTATION,
@@ -95,6 +99,19 @@ def _split(dataset: LabelledSet, args: argparse.Namespace) -> dict[str, np.ndarr
         name: np.array([i for i, p in enumerate(patients) if assignment[p] == name], dtype=int)
         for name in ("train", "val", "test")
     }
+
+
+def operating_point(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    min_sensitivity: float,
+    min_specificity: float | None,
+) -> float:
+    """The two-class decision threshold on validation scores: the best sensitivity at
+    ``min_specificity`` when given, else the best specificity at ``min_sensitivity``."""
+    if min_specificity is not None:
+        return choose_threshold_for_specificity(scores, labels, min_specificity)
+    return choose_threshold(scores, labels, min_sensitivity)
 
 
 def test_sections(
@@ -273,7 +290,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if len(names) == 2:
         val_sections = test_sections(dataset, index["val"], probabilities, stacker, None)
         _, _, p, labels = val_sections[-1]
-        decision_threshold = choose_threshold(p[:, 1], labels, args.min_sensitivity)
+        decision_threshold = operating_point(
+            p[:, 1], labels, args.min_sensitivity, args.min_specificity
+        )
     sections = test_sections(dataset, index["test"], probabilities, stacker, decision_threshold)
     metrics: dict[str, Any] = {
         "split": "test",
@@ -483,6 +502,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--seed", type=int, default=0)
     optim.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint*.pt")
     decision = parser.add_argument_group("decision")
+    decision.add_argument(
+        "--min-specificity",
+        type=float,
+        default=None,
+        help="two classes: choose the operating point for the best validation sensitivity at "
+        "this specificity instead (robust when validation is separable)",
+    )
     decision.add_argument(
         "--min-sensitivity",
         type=float,

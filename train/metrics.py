@@ -30,6 +30,7 @@ from sklearn.preprocessing import label_binarize
 
 __all__ = [
     "choose_threshold",
+    "choose_threshold_for_specificity",
     "classification_metrics",
     "expected_calibration_error",
     "reliability_curve",
@@ -180,6 +181,50 @@ def choose_threshold(
         return float(candidates[-1])
     best = specificity[eligible].max()
     chosen = int(np.flatnonzero(eligible & (specificity == best))[-1])  # lowest score of ties
+    if chosen == len(candidates) - 1:
+        return float(candidates[chosen])
+    return float((candidates[chosen] + candidates[chosen + 1]) / 2.0)
+
+
+def choose_threshold_for_specificity(
+    positive_probability: np.ndarray, labels: np.ndarray, min_specificity: float
+) -> float:
+    """Operating point on P(positive) with the best sensitivity at a required specificity.
+
+    The mirror of :func:`choose_threshold`, for when a validation set is separable and a single
+    high-scoring negative would otherwise push the threshold up: among the distinct scores whose
+    specificity is at least ``min_specificity``, those with the highest sensitivity are kept, and
+    of these the highest score ``s`` (the most specific). The threshold returned is the midpoint
+    between ``s`` and the next lower distinct score (``s`` when it is the lowest); if no score
+    reaches ``min_specificity``, a threshold above every score (nothing is called positive).
+    Apply it as ``positive_probability >= threshold``.
+    """
+    scores = np.asarray(positive_probability, dtype=np.float64)
+    truth = np.asarray(labels)
+    if scores.ndim != 1 or truth.shape != scores.shape or scores.size == 0:
+        raise ValueError(
+            f"positive_probability and labels must be non-empty 1-D arrays of one length, "
+            f"got shapes {scores.shape} and {truth.shape}"
+        )
+    if not np.isin(truth, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1, got values {np.unique(truth).tolist()}")
+    if not 0.0 <= min_specificity <= 1.0:
+        raise ValueError(f"min_specificity must be in [0, 1], got {min_specificity}")
+    positive = truth == 1
+    candidates = np.unique(scores)[::-1]  # highest first
+    if positive.any():
+        sensitivity = _share_at_or_above(scores[positive], candidates)
+    else:
+        sensitivity = np.zeros(len(candidates))
+    if (~positive).any():
+        specificity = 1.0 - _share_at_or_above(scores[~positive], candidates)
+    else:
+        specificity = np.ones(len(candidates))
+    eligible = specificity >= min_specificity - 1e-12
+    if not eligible.any():
+        return float(np.nextafter(candidates[0], np.inf))
+    best = sensitivity[eligible].max()
+    chosen = int(np.flatnonzero(eligible & (sensitivity == best))[0])  # highest score of ties
     if chosen == len(candidates) - 1:
         return float(candidates[chosen])
     return float((candidates[chosen] + candidates[chosen + 1]) / 2.0)

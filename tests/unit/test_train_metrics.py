@@ -412,3 +412,33 @@ def test_write_report_rejects_names_that_collide_as_files(tmp_path: Path) -> Non
     sections = [("a b", metrics, probabilities, labels), ("a/b", metrics, probabilities, labels)]
     with pytest.raises(ValueError, match="distinct file names"):
         write_report(sections, tmp_path, "t")
+
+
+@pytest.mark.parametrize("min_specificity", [0.0, 0.5, 0.75, 0.9, 1.0])
+def test_threshold_for_specificity_is_best_sensitivity_by_brute_force(
+    min_specificity: float,
+) -> None:
+    from train.metrics import choose_threshold_for_specificity
+
+    rng = np.random.default_rng(12)
+    labels = rng.integers(0, 2, size=120)
+    scores = np.round(np.clip(rng.normal(0.35 + 0.3 * labels, 0.18), 0, 1), 2)
+    threshold = choose_threshold_for_specificity(scores, labels, min_specificity)
+    sensitivity, specificity = _sensitivity_specificity(scores, labels, threshold)
+    points = [_sensitivity_specificity(scores, labels, t) for t in np.unique(scores)]
+    points.append((0.0, 1.0))  # a threshold above every score
+    eligible = [(sens, spec) for sens, spec in points if spec >= min_specificity]
+    assert specificity >= min_specificity
+    assert sensitivity == max(sens for sens, _ in eligible)
+    # Of the equally sensitive thresholds, the most specific.
+    assert specificity == max(spec for sens, spec in eligible if sens == sensitivity)
+
+
+def test_threshold_for_specificity_ignores_one_high_negative() -> None:
+    from train.metrics import choose_threshold_for_specificity
+
+    # Separable but for one negative at 0.8: best-specificity-at-sensitivity would need t > 0.8.
+    scores = np.array([0.01, 0.02, 0.05, 0.8, 0.3, 0.6, 0.85, 0.9, 0.95])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
+    assert choose_threshold(scores, labels, 0.6) == pytest.approx(0.825)
+    assert choose_threshold_for_specificity(scores, labels, 0.75) == pytest.approx(0.175)
