@@ -65,7 +65,7 @@ from train.roi import (
     region_quality,
 )
 
-__all__ = ["NORMALISATION", "get_args_parser", "main", "run", "test_sections"]
+__all__ = ["NORMALISATION", "get_args_parser", "main", "run", "split_sections"]
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def operating_point(
     return choose_threshold(scores, labels, min_sensitivity)
 
 
-def test_sections(
+def split_sections(
     dataset: LabelledSet,
     index: np.ndarray,
     probabilities: np.ndarray,
@@ -288,12 +288,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stacker, stacker_scores = fit_stacker(per_view, labels, views, len(names), args.seed)
     decision_threshold = None
     if len(names) == 2:
-        val_sections = test_sections(dataset, index["val"], probabilities, stacker, None)
+        val_sections = split_sections(dataset, index["val"], probabilities, stacker, None)
         _, _, p, labels = val_sections[-1]
         decision_threshold = operating_point(
             p[:, 1], labels, args.min_sensitivity, args.min_specificity
         )
-    sections = test_sections(dataset, index["test"], probabilities, stacker, decision_threshold)
+    sections = split_sections(dataset, index["test"], probabilities, stacker, decision_threshold)
     metrics: dict[str, Any] = {
         "split": "test",
         "patients": {k: len({dataset.samples[i].patient_id for i in v}) for k, v in index.items()},

@@ -263,7 +263,8 @@ def test_study_round_trip(
     stack: tuple[Node, Orthanc, Path], task: str, views: int, tmp_path: Path
 ) -> None:
     node, orthanc, root = stack
-    folder = make_set(tmp_path, task, task=task, patients=1, seed=40 + views)
+    # Detector-sized images (1024 px), as the demo bundles were trained on.
+    folder = make_set(tmp_path, task, task=task, patients=1, seed=40 + views, rows=1024, cols=1024)
     with (folder / "manifest.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     sources = [folder / r["path"] for r in rows]

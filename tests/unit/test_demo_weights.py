@@ -27,14 +27,15 @@ def test_shipped_conf_loads_every_bundle() -> None:
 
 
 @pytest.mark.parametrize(
-    ("task", "patients", "needed"), [("knee", 12, 11), ("spine", 14, 12), ("hip", 16, 12)]
+    ("task", "patients", "needed"), [("knee", 30, 29), ("spine", 30, 28), ("hip", 30, 26)]
 )
 def test_demo_weights_name_the_true_class(
     tmp_path: Path, task: str, patients: int, needed: int
 ) -> None:
-    """Fresh phantoms (a seed no bundle was trained on): most studies get the right class."""
+    """Fresh detector-sized phantoms (a seed no bundle saw): the published accuracy or better
+    (knee 0.964, spine 0.943; hip: sensitivity 0.916 at specificity 0.75), to one study."""
     bundles = load_bundles(load_config(ROOT / "conf.yaml"))
-    folder = make_set(tmp_path, task, task=task, patients=patients, seed=900)
+    folder = make_set(tmp_path, task, task=task, patients=patients, seed=900, rows=1024, cols=1024)
     jobs, studies = study_jobs(read_dataset(folder))
     results = Predictor({task: bundles[task]}).predict(jobs)
     correct = sum(
@@ -42,3 +43,6 @@ def test_demo_weights_name_the_true_class(
         for prediction, _ in results
     )
     assert correct >= needed, f"{correct}/{len(jobs)} correct"
+    for _, prepared in results:
+        # Every view was located: the classifier read the region around the implant.
+        assert all(view.region is not None and view.region.found for view in prepared)
