@@ -142,7 +142,8 @@ class Prediction:
 
     @property
     def abstained(self) -> bool:
-        return self.certainty < self.threshold
+        """Below the threshold; never with an operating point (it decides every case)."""
+        return self.decision_threshold is None and self.certainty < self.threshold
 
 
 @dataclass(frozen=True)

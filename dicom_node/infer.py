@@ -57,7 +57,9 @@ def classifier_input(
 ) -> tuple[torch.Tensor, RegionOfInterest | None]:
     """The classifier's input for a displayed image, and the region it shows (None: whole).
 
-    The one function the node and ``train/`` both call, so both crop the same way.
+    ``train/`` batches the same steps (:func:`~dicom_node.models.localiser.locate`,
+    :func:`~dicom_node.preprocess.crop_square`, :func:`~dicom_node.preprocess.to_model_input`),
+    so training and serving crop the same way.
     """
     card = bundle.card
     region = None

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dicom_node.errors import DicomNodeError
 from dicom_node.models.bundle import load_bundle, update_card
 from train.data import read_dataset
 from train.engine import fit_temperature
@@ -60,10 +61,11 @@ def calibrate(
     changes: dict[str, Any] = {"temperature": new}
     if len(bundle.card.classes) == 2:
         views = bundle.card.views
-        if len(views) == 2 and bundle.card.stacker is not None:
+        if len(views) == 2:  # the study-level result, as fit chose it and the node decides
             index = np.arange(len(samples))
             _, per_view, study_truth = by_study(samples, index, recalibrated, views)
-            scores = fused_probabilities(per_view, bundle.card.stacker.model_dump())[:, 1]
+            stacker = bundle.card.stacker.model_dump() if bundle.card.stacker else None
+            scores = fused_probabilities(per_view, stacker)[:, 1]
         else:
             scores, study_truth = recalibrated[:, 1], truth
         sensitivity = min_sensitivity if min_sensitivity is not None else 0.95
@@ -116,7 +118,7 @@ def main(args: argparse.Namespace) -> int:
             min_specificity=args.min_specificity,
             write=not args.dry_run,
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, DicomNodeError) as error:
         sys.stderr.write(f"calibrate: {error}\n")
         return 2
     sys.stdout.write(json.dumps(result, indent=2) + "\n")

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dicom_node.errors import DicomNodeError
 from dicom_node.models.backbones import BACKBONES
 from dicom_node.models.bundle import load_bundle
 from train import fit
@@ -101,7 +102,7 @@ def main(args: argparse.Namespace) -> int:
     fit_arguments = list(getattr(args, "fit_arguments", []))
     try:
         rows = compare(args, fit_arguments)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, DicomNodeError) as error:
         sys.stderr.write(f"compare: {error}\n")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)

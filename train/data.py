@@ -21,7 +21,7 @@ import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +49,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_FRACTION_SPLITS = ("train", "val", "test")
+_REQUIRED_COLUMNS = (
+    "path",
+    "patient_id",
+    "study_instance_uid",
+    "sop_instance_uid",
+    "task",
+    "view",
+    "label",
+)
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,12 @@ def _from_manifest(data: Path, manifest: Path) -> LabelledSet:
         rows = list(csv.DictReader(handle))
     if not rows:
         raise ValueError(f"{manifest} lists no images")
+    missing = [c for c in _REQUIRED_COLUMNS if c not in rows[0]]
+    if missing:
+        raise ValueError(f"{manifest} lacks the column(s) {missing} (docs/training.md)")
+    views = {r["view"] for r in rows} - {"AP", "LAT"}
+    if views:
+        raise ValueError(f"{manifest}: views must be AP or LAT, found {sorted(views)}")
     tasks = {r["task"] for r in rows}
     if len(tasks) != 1:
         raise ValueError(f"{manifest} mixes tasks {sorted(tasks)}; train one task at a time")
@@ -154,11 +168,12 @@ def _from_labels(data: Path, labels: Path, config: Config) -> LabelledSet:
     by_key = {(key, row[key]): row["label"] for row in rows for key in keys if row.get(key)}
     digest = hashlib.sha256(labels.read_bytes())
     found: list[tuple[str, Sample, str]] = []
-    skipped = 0
+    skipped = not_dicom = no_patient = 0
     for path in sorted(p for p in data.rglob("*") if p.is_file()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (pydicom.errors.InvalidDicomError, OSError):
+            not_dicom += 1
             continue
         tags = {
             k: ds.get(k, "")
@@ -187,6 +202,7 @@ def _from_labels(data: Path, labels: Path, config: Config) -> LabelledSet:
             skipped += 1
             continue
         digest.update(relative.encode())
+        no_patient += not identifiers["patient_id"]
         sample = Sample(
             path=path,
             patient_id=identifiers["patient_id"] or identifiers["study_instance_uid"],
@@ -209,13 +225,20 @@ def _from_labels(data: Path, labels: Path, config: Config) -> LabelledSet:
     for _, sample, label in found:
         if label not in names:
             raise ValueError(f"{labels}: label {label!r} is not a {task} class {names}")
-        samples.append(Sample(**{**sample.__dict__, "label_index": names.index(label)}))
+        samples.append(replace(sample, label_index=names.index(label)))
     log.info(
-        "%s: %d labelled images (%d files skipped: unrouted or unlabelled)",
+        "%s: %d labelled images; skipped %d files that are not DICOM and %d unrouted or unlabelled",
         data,
         len(samples),
+        not_dicom,
         skipped,
     )
+    if no_patient:
+        log.warning(
+            "%d images have no PatientID: each study counts as its own patient, so one "
+            "patient's studies may fall into different splits",
+            no_patient,
+        )
     return LabelledSet(task, names, tuple(samples), digest.hexdigest())
 
 
@@ -282,7 +305,7 @@ class Loaded:
     """Images of a set, ready for the networks (row i is ``samples[i]``)."""
 
     inputs: torch.Tensor | None  # (N, C, S, S) classifier inputs (whole images), or None
-    displays: list[np.ndarray] | None  # float16 displayed images, kept for cropping
+    displays: list[np.ndarray] | None  # float32 displayed images, kept for cropping
     whole: torch.Tensor | None  # (N, 1, R, R) localiser inputs
     masks: torch.Tensor | None  # (N, 1, R/8, R/8) localiser targets
 
@@ -294,14 +317,17 @@ def _load_one(
     normalisation: str,
     roi_size: int | None,
 ) -> tuple[torch.Tensor | None, np.ndarray | None, torch.Tensor | None, torch.Tensor | None]:
-    display = display_image(pydicom.dcmread(sample.path))
+    try:
+        display = display_image(pydicom.dcmread(sample.path))
+    except Exception as error:  # any decoder's error, named with the file
+        raise ValueError(f"{sample.path}: cannot read the image: {error}") from error
     if roi_size is None:
         return to_model_input(display, size, channels, normalisation), None, None, None
     whole = to_model_input(display, roi_size, 1, "standardise")
     target = None
     if sample.mask_path is not None:
         target = mask_target(np.asarray(Image.open(sample.mask_path)), roi_size)
-    return None, display.astype(np.float16), whole, target
+    return None, display, whole, target
 
 
 def load_images(

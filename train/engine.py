@@ -112,6 +112,7 @@ def augment_batch(
     stays in the normalisation the network expects. The random draws follow ``generator``.
     """
     shape = (int(batch.shape[-2]), int(batch.shape[-1]))
+    cells = (int(targets.shape[-2]), int(targets.shape[-1])) if targets is not None else shape
     pipeline = _pipeline(settings, shape, targets is not None)
     pipeline.set_random_state(seed=int(torch.randint(2**31 - 1, (1,), generator=generator)))
     images, moved_maps = [], []
@@ -133,7 +134,7 @@ def augment_batch(
             moved_maps.append(
                 # A cell at least a third covered is on: areas keep their size, thin
                 # structures survive a rotation between cells.
-                nn.functional.adaptive_avg_pool2d(moved, targets.shape[-2:])[0].gt(0.33).float()
+                nn.functional.adaptive_avg_pool2d(moved, cells)[0].gt(0.33).float()
             )
     return torch.stack(images), torch.stack(moved_maps) if targets is not None else None
 
@@ -346,6 +347,10 @@ def fit_network(
             saved["best_state"],
             saved["stale"],
         )
+        if saved.get("finished"):
+            log.info("%s: finished in the checkpoint; not trained again", name)
+            model.load_state_dict(saved["best_state"])
+            return saved["best_state"]
         log.info("%s: resuming at epoch %d", name, start + 1)
     generator = torch.Generator().manual_seed(settings.seed)
     for _ in range(start):  # the same permutations and draws as an uninterrupted run
@@ -370,6 +375,12 @@ def fit_network(
         )
         val_logits = predict_logits(model, x[val_index], context.device)
         val_loss = float(loss_fn(val_logits, y[val_index]))
+        if context.world > 1:
+            # Ranks' BatchNorm statistics differ a little: rank 0's loss decides for all, so
+            # every rank stops at the same epoch (a rank left in a forward pass would hang).
+            shared = torch.tensor([val_loss], device=context.device)
+            dist.broadcast(shared, src=0)
+            val_loss = float(shared.item())
         if val_loss < best:
             best, stale = val_loss, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -385,7 +396,7 @@ def fit_network(
                 val_loss,
                 " *" if stale == 0 else "",
             )
-            torch.save(
+            _save_atomically(
                 {
                     "model": model.state_dict(),
                     "optimiser": optimiser.state_dict(),
@@ -394,6 +405,7 @@ def fit_network(
                     "best": best,
                     "best_state": best_state,
                     "stale": stale,
+                    "finished": stale >= settings.patience or epoch + 1 == settings.epochs,
                 },
                 checkpoint,
             )
@@ -404,6 +416,13 @@ def fit_network(
     assert best_state is not None, "no epoch was trained"
     model.load_state_dict(best_state)
     return best_state
+
+
+def _save_atomically(state: dict[str, Any], path: Path) -> None:
+    """Write a checkpoint so that a kill mid-write leaves the previous one intact."""
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:

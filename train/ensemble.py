@@ -24,6 +24,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold, cross_val_predict
 
+from dicom_node.errors import DicomNodeError
 from dicom_node.infer import fuse
 from dicom_node.models.bundle import Stacker
 from train.data import Sample
@@ -146,6 +147,7 @@ def refit(
     samples, probabilities = predict_views(bundle, select_studies(full, bundle_path, subset))
     _, per_view, truth = by_study(samples, np.arange(len(samples)), probabilities, views)
     stacker, scores = fit_stacker(per_view, truth, views, len(names))
+    fitted_views, fitted_truth = per_view, truth
     result: dict[str, Any] = {"fitted_on": {"subset": subset, "studies": len(truth)}, **scores}
     try:
         shown = select_studies(full, bundle_path, report_subset)
@@ -171,8 +173,27 @@ def refit(
             name: {k: m[k] for k in ("accuracy", "auc", "auc_macro", "ece") if k in m}
             for name, m in table.items()
         }
+    changes: dict[str, Any] = {"stacker": stacker}
+    if bundle.card.decision_threshold is not None:
+        # The operating point was chosen on the old fused scores: choose it again on the new
+        # ones, with the rule that trained the bundle.
+        from train.fit import operating_point
+
+        arguments = bundle.card.training.get("args", {})
+        specificity = arguments.get("min_specificity")
+        fused = fused_probabilities(fitted_views, stacker)[:, 1]
+        changes["decision_threshold"] = operating_point(
+            fused,
+            fitted_truth,
+            float(arguments.get("min_sensitivity", 0.95)),
+            None if specificity in (None, "None") else float(specificity),
+        )
+        result["decision_threshold"] = {
+            "before": bundle.card.decision_threshold,
+            "after": round(changes["decision_threshold"], 4),
+        }
     if write:
-        update_card(bundle_path, {"stacker": stacker})
+        update_card(bundle_path, changes)
     return result
 
 
@@ -201,7 +222,7 @@ def main(args: argparse.Namespace) -> int:
             report_subset=args.report_subset,
             write=not args.dry_run,
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, DicomNodeError) as error:
         sys.stderr.write(f"ensemble: {error}\n")
         return 2
     sys.stdout.write(json.dumps(result, indent=2) + "\n")

@@ -25,11 +25,12 @@ from PIL import Image
 from scipy import ndimage
 
 from dicom_node.domain import InstanceRef, RoutedView, StudyJob
+from dicom_node.errors import DicomNodeError
 from dicom_node.explain import explain
 from dicom_node.infer import Predictor
 from dicom_node.models.bundle import Bundle, load_bundle
 from train.data import LabelledSet, Sample, read_dataset
-from train.metrics import classification_metrics
+from train.metrics import abstention, classification_metrics
 from train.report import Section, markdown_summary, write_report
 
 __all__ = [
@@ -182,6 +183,8 @@ def evaluate(
         probabilities = np.stack([p for p, _ in pairs])
         truth = np.array([label for _, label in pairs])
         metrics = classification_metrics(probabilities, truth, names, threshold)
+        if threshold is None and bundle.card.threshold > 0:
+            metrics.update(abstention(probabilities, truth, bundle.card.threshold))
         raw.append((name, metrics, probabilities, truth))
     report: dict[str, Any] = {
         "task": dataset.task,
@@ -245,7 +248,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     try:
         report = evaluate(args.bundle, args.data, labels=args.labels, saliency=args.saliency)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, DicomNodeError) as error:
         sys.stderr.write(f"evaluate: {error}\n")
         return 2
     text = json.dumps({k: v for k, v in report.items() if k != "raw"}, indent=2) + "\n"

@@ -36,9 +36,11 @@ import torch
 from torch import nn
 
 from dicom_node.domain import RegionOfInterest
+from dicom_node.errors import DicomNodeError
 from dicom_node.models.backbones import build_backbone, saliency_layer
 from dicom_node.models.bundle import load_bundle, save_bundle, update_card
 from dicom_node.models.codes import card_classes
+from dicom_node.models.localiser import STRIDE
 from train.data import LabelledSet, kfold_patients, load_images, read_dataset, split_patients
 from train.engine import (
     Augmentation,
@@ -51,6 +53,7 @@ from train.engine import (
 )
 from train.ensemble import by_study, fit_stacker, fused_probabilities
 from train.metrics import (
+    abstention,
     choose_threshold,
     choose_threshold_for_specificity,
     classification_metrics,
@@ -161,6 +164,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not len(index["train"]) or not len(index["val"]):
         raise ValueError("the split left no training or no validation patients; use more data")
     use_roi = args.roi == "on" or (args.roi == "auto" and dataset.has_masks)
+    if use_roi and args.roi_size % STRIDE:
+        raise ValueError(f"--roi-size must be a multiple of {STRIDE}, got {args.roi_size}")
     if use_roi and not dataset.has_masks:
         raise ValueError("--roi on needs implant masks (a manifest with mask_path)")
     normalisation, channels = NORMALISATION.get(args.backbone, ("imagenet", 3))
@@ -294,6 +299,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             p[:, 1], labels, args.min_sensitivity, args.min_specificity
         )
     sections = split_sections(dataset, index["test"], probabilities, stacker, decision_threshold)
+    if decision_threshold is None and args.abstain > 0:
+        for _, section_metrics, p, labels in sections:
+            section_metrics.update(abstention(p, labels, args.abstain))
     metrics: dict[str, Any] = {
         "split": "test",
         "patients": {k: len({dataset.samples[i].patient_id for i in v}) for k, v in index.items()},
@@ -305,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metrics["region_of_interest"] = roi_metrics
 
     version = args.version
-    device_key = f"orthonode/{task}/{version}/{dataset.fingerprint}"
+    device_key = f"orthonode/{task}/{version}/{dataset.fingerprint}"  # replaced once saved
     card = {
         "task": task,
         "name": args.name or f"orthonode {task} classifier",
@@ -343,7 +351,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "device": context.device.type,
         },
     }
-    save_bundle(args.out, model, card, localiser)
+    saved = save_bundle(args.out, model, card, localiser)
+    # The SR observer's Device UID changes whenever the weights do (a retrained model).
+    device_key = f"orthonode/{task}/{version}/{saved.model_sha256}"
+    update_card(args.out, {"device_uid": f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, device_key).int}"})
     for checkpoint in ("checkpoint.pt", "checkpoint-localiser.pt"):
         (args.out / checkpoint).unlink(missing_ok=True)
     _write_split(args.out / "split.csv", dataset, index)
@@ -375,6 +386,8 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     keys = (
         "n",
         "accuracy",
+        "answered",
+        "accuracy_answered",
         "auc",
         "auc_macro",
         "auc_micro",
@@ -533,7 +546,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         metrics = run(args)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, DicomNodeError) as error:
         sys.stderr.write(f"fit: {error}\n")
         return 2
     finally:

@@ -22,6 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
+from dicom_node.errors import DicomNodeError
 from dicom_node.models.backbones import build_backbone
 from train.data import load_images, read_dataset, split_patients
 from train.engine import Augmentation, augment_batch
@@ -168,7 +169,7 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> int:
     try:
         result = run(args)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, DicomNodeError) as error:
         sys.stderr.write(f"lr-find: {error}\n")
         return 2
     sys.stdout.write(json.dumps(result, indent=2) + "\n")

@@ -29,6 +29,7 @@ from sklearn.metrics import (
 from sklearn.preprocessing import label_binarize
 
 __all__ = [
+    "abstention",
     "choose_threshold",
     "choose_threshold_for_specificity",
     "classification_metrics",
@@ -228,6 +229,20 @@ def choose_threshold_for_specificity(
     if chosen == len(candidates) - 1:
         return float(candidates[chosen])
     return float((candidates[chosen] + candidates[chosen + 1]) / 2.0)
+
+
+def abstention(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """What abstaining below ``threshold`` (top-class probability) does: the share of cases
+    answered, and the accuracy on them (the node says "undetermined" for the others)."""
+    probabilities, labels = _check_inputs(probabilities, labels)
+    answered = probabilities.max(axis=1) >= threshold
+    correct = probabilities.argmax(axis=1) == labels
+    return {
+        "answered": round(float(answered.mean()), _DECIMALS),
+        "accuracy_answered": round(float(correct[answered].mean()), _DECIMALS)
+        if answered.any()
+        else 0.0,
+    }
 
 
 def classification_metrics(

@@ -127,7 +127,8 @@ def _markdown(
 
 
 def _summary_table(sections: Sequence[Section]) -> list[str]:
-    """One row per section; threshold columns only when some section has a threshold."""
+    """One row per section; threshold (and abstention) columns only when some section has
+    them."""
     header = [
         "section",
         "n",
@@ -141,6 +142,9 @@ def _summary_table(sections: Sequence[Section]) -> list[str]:
     with_threshold = any("threshold" in metrics for _, metrics, _, _ in sections)
     if with_threshold:
         header += ["threshold", "sensitivity", "specificity"]
+    with_abstention = any("answered" in metrics for _, metrics, _, _ in sections)
+    if with_abstention:
+        header += ["answered", "accuracy when answered"]
     rows = []
     for name, metrics, _, _ in sections:
         row = [
@@ -159,6 +163,8 @@ def _summary_table(sections: Sequence[Section]) -> list[str]:
                 _number(metrics.get("sensitivity")),
                 _number(metrics.get("specificity")),
             ]
+        if with_abstention:
+            row += [_number(metrics.get("answered")), _number(metrics.get("accuracy_answered"))]
         rows.append(row)
     return _table(header, rows)
 

@@ -98,7 +98,7 @@ def crop_inputs(
     """The classifier inputs: each region cut from its displayed image, as the node does."""
     return torch.stack(
         [
-            to_model_input(crop_square(d.astype(np.float32), r), size, channels, normalisation)
+            to_model_input(crop_square(d, r), size, channels, normalisation)
             for d, r in zip(displays, regions, strict=True)
         ]
     )

@@ -264,7 +264,8 @@ def _group(
     task = _TASKS[prediction.task]
     best = decide(tuple(probabilities), prediction.decision_threshold)
     certainty = float(probabilities[best])
-    if prediction.abstained or certainty < prediction.threshold:
+    unsure = prediction.decision_threshold is None and certainty < prediction.threshold
+    if prediction.abstained or unsure:
         value = _UNDETERMINED
     else:
         value = _coded(prediction.classes[best])

@@ -67,7 +67,9 @@ class RoiSpec(BaseModel):
 
     file: str = Field(default="localiser.pt", pattern=r"^[A-Za-z0-9_.-]+\.pt$")
     sha256: str
-    input_size: int = Field(default=256, ge=64, le=1024, description="whole-image input side")
+    input_size: int = Field(
+        default=256, ge=64, le=1024, multiple_of=8, description="whole-image input side"
+    )
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0, description="implant probability")
     margin: float = Field(default=0.15, ge=0.0, le=1.0, description="context, share of side")
 

@@ -442,3 +442,16 @@ def test_threshold_for_specificity_ignores_one_high_negative() -> None:
     labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
     assert choose_threshold(scores, labels, 0.6) == pytest.approx(0.825)
     assert choose_threshold_for_specificity(scores, labels, 0.75) == pytest.approx(0.175)
+
+
+def test_abstention_counts_answered_cases_and_their_accuracy() -> None:
+    from train.metrics import abstention
+
+    probabilities = np.array([[0.9, 0.1, 0.0], [0.3, 0.35, 0.35], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])
+    labels = np.array([0, 0, 1, 0])
+    # answered at 0.45: rows 0, 2, 3 (0.9, 0.7, 0.5); correct among them: rows 0 and 3.
+    assert abstention(probabilities, labels, 0.45) == {
+        "answered": 0.75,
+        "accuracy_answered": pytest.approx(0.6667),
+    }
+    assert abstention(probabilities, labels, 0.95) == {"answered": 0.0, "accuracy_answered": 0.0}
