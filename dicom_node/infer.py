@@ -76,14 +76,21 @@ def classifier_input(
 def fuse(per_view: dict[str, np.ndarray], stacker: Stacker | None) -> np.ndarray | None:
     """Study-level probabilities from the views' probabilities; None for a single view.
 
-    With a stacker whose views are all present: softmax(W · [log p_AP, log p_LAT] + b).
-    Otherwise the mean of the views' probabilities.
+    With a logistic stacker whose views are all present: softmax(W · [log p_AP, log p_LAT] + b);
+    with a "mean" stacker: softmax(log(mean of the views) / T). Otherwise (no stacker, or a view
+    it needs is missing) the mean of the views' probabilities.
     """
     if len(per_view) < 2:
         return None
     if stacker is not None and all(v in per_view for v in stacker.views):
-        features = np.concatenate([np.log(np.clip(per_view[v], 1e-7, 1.0)) for v in stacker.views])
-        logits = np.asarray(stacker.coefficients) @ features + np.asarray(stacker.intercepts)
+        if stacker.kind == "mean":
+            mean = np.mean([per_view[v] for v in stacker.views], axis=0)
+            logits = np.log(np.clip(mean, 1e-12, 1.0)) / stacker.temperature
+        else:
+            features = np.concatenate(
+                [np.log(np.clip(per_view[v], 1e-7, 1.0)) for v in stacker.views]
+            )
+            logits = np.asarray(stacker.coefficients) @ features + np.asarray(stacker.intercepts)
         logits -= logits.max()
         fused = np.exp(logits)
         return fused / fused.sum()

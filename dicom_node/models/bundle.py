@@ -14,10 +14,10 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from dicom_node.domain import ClassInfo, ModelInfo
@@ -50,14 +50,27 @@ class CardClass(BaseModel):
 
 
 class Stacker(BaseModel):
-    """Multinomial logistic regression on the concatenated per-view log-probabilities."""
+    """How the views' probabilities become the study's.
+
+    ``logistic``: a multinomial logistic regression on the concatenated per-view
+    log-probabilities (``coefficients``: classes × (views × classes), ``intercepts``).
+    ``mean``: the mean of the views' probabilities, sharpened by ``temperature`` (below 1 when
+    agreeing views deserve more confidence than either alone).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    kind: str = "logistic"
+    kind: Literal["logistic", "mean"] = "logistic"
     views: list[str] = Field(default_factory=lambda: ["AP", "LAT"])
-    coefficients: list[list[float]]  # classes × (views × classes)
-    intercepts: list[float]  # classes
+    coefficients: list[list[float]] = Field(default_factory=list)
+    intercepts: list[float] = Field(default_factory=list)
+    temperature: float = Field(default=1.0, gt=0.0)
+
+    @model_validator(mode="after")
+    def _complete(self) -> Stacker:
+        if self.kind == "logistic" and not (self.coefficients and self.intercepts):
+            raise ValueError("a logistic stacker needs coefficients and intercepts")
+        return self
 
 
 class RoiSpec(BaseModel):
