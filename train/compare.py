@@ -3,7 +3,8 @@ stage) trained on one split, side by side — the hip study's six-CNN comparison
 
 Every variant runs ``python -m train fit`` with the same data, split and seed into
 ``OUT/<backbone>-roi-<on|off>/``; ``OUT/compare.md`` and ``compare.json`` give the test
-figures, weights and training time of each. Options other than those below go to ``fit``.
+figures (and those of every ``--external`` set), weights and training time of each. Options
+other than those below go to ``fit``.
 """
 
 from __future__ import annotations
@@ -34,28 +35,25 @@ def compare(args: argparse.Namespace, fit_arguments: list[str]) -> list[dict[str
             fit_args.command_line = getattr(args, "command_line", "")
             metrics = fit.run(fit_args)
             bundle = load_bundle(out)
-            headline = metrics.get("fused") or metrics.get("AP") or {}
-            rows.append(
-                {
-                    "backbone": backbone,
-                    "roi": roi,
-                    "parameters": sum(p.numel() for p in bundle.model.parameters()),
-                    "seconds": bundle.card.training.get("seconds"),
-                    **{
-                        k: headline.get(k)
-                        for k in (
-                            "n",
-                            "accuracy",
-                            "auc",
-                            "auc_macro",
-                            "ece",
-                            "sensitivity",
-                            "specificity",
-                        )
-                    },
-                }
-            )
+            # The test split, then every --external set, each at its study level.
+            sets = {"test": metrics}
+            sets.update({k: v for k, v in metrics.items() if k.startswith("external:")})
+            for name, figures in sets.items():
+                headline = figures.get("fused") or figures.get("AP") or {}
+                rows.append(
+                    {
+                        "backbone": backbone,
+                        "roi": roi,
+                        "set": name,
+                        "parameters": sum(p.numel() for p in bundle.model.parameters()),
+                        "seconds": bundle.card.training.get("seconds"),
+                        **{k: headline.get(k) for k in _FIGURES},
+                    }
+                )
     return rows
+
+
+_FIGURES = ("n", "accuracy", "auc", "auc_macro", "ece", "sensitivity", "specificity")
 
 
 def _markdown(rows: list[dict[str, Any]]) -> str:
@@ -67,6 +65,7 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     columns = [
         "backbone",
         "roi",
+        "set",
         "parameters",
         "seconds",
         "n",
