@@ -4,8 +4,10 @@ of an existing bundle on a labelled set — its validation split, or a site's ow
 The bundle's views go through the node's Predictor; their logits (recovered from the calibrated
 probabilities: T · log p, equal to the logits up to a constant per image) give the temperature
 that minimises the negative log-likelihood. For two-class tasks the operating threshold is then
-chosen again at ``--min-sensitivity``. Only card.json changes; the weights, and so their sha256,
-stay as they are. ``python -m train fit`` runs the same steps on its validation split.
+chosen again: at ``--min-sensitivity`` / ``--min-specificity`` when given, else by the rule that
+set it before. Only card.json changes (the command is appended to ``training.later_steps``);
+the weights, and so their sha256, stay as they are. ``python -m train fit`` runs the same steps
+on its validation split.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from train.data import read_dataset
 from train.engine import fit_temperature
 from train.ensemble import by_study, fused_probabilities
 from train.evaluate import predict_views, select_studies
-from train.fit import operating_point
+from train.fit import later_step, operating_point, operating_rule
 from train.metrics import expected_calibration_error
 
 __all__ = ["calibrate", "get_args_parser", "main"]
@@ -40,8 +42,13 @@ def calibrate(
     min_sensitivity: float | None = None,
     min_specificity: float | None = None,
     write: bool = True,
+    command: str = "",
 ) -> dict[str, Any]:
-    """Fit the temperature (and operating point) on ``data``; update the card when ``write``."""
+    """Fit the temperature (and operating point) on ``data``; update the card when ``write``
+    (``command`` is recorded in the card's ``training.later_steps``).
+
+    Without ``min_sensitivity`` / ``min_specificity`` the rule that set the bundle's operating
+    point is kept."""
     bundle = load_bundle(bundle_path)
     dataset = select_studies(read_dataset(data, labels), bundle_path, subset)
     samples, probabilities = predict_views(bundle, dataset)
@@ -59,6 +66,7 @@ def calibrate(
         },
     }
     changes: dict[str, Any] = {"temperature": new}
+    step = command or "python -m train calibrate"
     if len(bundle.card.classes) == 2:
         views = bundle.card.views
         if len(views) == 2:  # the study-level result, as fit chose it and the node decides
@@ -68,19 +76,26 @@ def calibrate(
             scores = fused_probabilities(per_view, stacker)[:, 1]
         else:
             scores, study_truth = recalibrated[:, 1], truth
-        sensitivity = min_sensitivity if min_sensitivity is not None else 0.95
+        if min_sensitivity is None and min_specificity is None:
+            sensitivity, min_specificity = operating_rule(bundle.card.training)
+        else:
+            sensitivity = min_sensitivity if min_sensitivity is not None else 0.95
         threshold = operating_point(scores, study_truth, sensitivity, min_specificity)
+        rule = (
+            {"min_specificity": min_specificity}
+            if min_specificity is not None
+            else {"min_sensitivity": sensitivity}
+        )
         changes["decision_threshold"] = threshold
         changes["threshold"] = 0.0
         result["decision_threshold"] = {
             "before": bundle.card.decision_threshold,
             "after": round(threshold, 4),
-            **(
-                {"min_specificity": min_specificity}
-                if min_specificity is not None
-                else {"min_sensitivity": sensitivity}
-            ),
+            **rule,
         }
+        changes["training"] = later_step(bundle.card.training, step, rule)
+    else:
+        changes["training"] = later_step(bundle.card.training, step)
     if write:
         update_card(bundle_path, changes)
     return result
@@ -117,6 +132,7 @@ def main(args: argparse.Namespace) -> int:
             min_sensitivity=args.min_sensitivity,
             min_specificity=args.min_specificity,
             write=not args.dry_run,
+            command=getattr(args, "command_line", ""),
         )
     except (OSError, ValueError, DicomNodeError) as error:
         sys.stderr.write(f"calibrate: {error}\n")

@@ -223,6 +223,7 @@ def refit(
     subset: str = "val",
     report_subset: str = "test",
     write: bool = True,
+    command: str = "",
 ) -> dict[str, Any]:
     """Fit the stacker on ``subset`` of ``data``; compare single views, their mean and the
     stacker on ``report_subset`` (side by side); store it in the card when ``write``."""
@@ -270,21 +271,20 @@ def refit(
     if bundle.card.decision_threshold is not None:
         # The operating point was chosen on the old fused scores: choose it again on the new
         # ones, with the rule that trained the bundle.
-        from train.fit import operating_point
+        from train.fit import operating_point, operating_rule
 
-        arguments = bundle.card.training.get("args", {})
-        specificity = arguments.get("min_specificity")
+        sensitivity, specificity = operating_rule(bundle.card.training)
         fused = fused_probabilities(fitted_views, stacker)[:, 1]
         changes["decision_threshold"] = operating_point(
-            fused,
-            fitted_truth,
-            float(arguments.get("min_sensitivity", 0.95)),
-            None if specificity in (None, "None") else float(specificity),
+            fused, fitted_truth, sensitivity, specificity
         )
         result["decision_threshold"] = {
             "before": bundle.card.decision_threshold,
             "after": round(changes["decision_threshold"], 4),
         }
+    from train.fit import later_step
+
+    changes["training"] = later_step(bundle.card.training, command or "python -m train ensemble")
     if write:
         update_card(bundle_path, changes)
     return result
@@ -314,6 +314,7 @@ def main(args: argparse.Namespace) -> int:
             subset=args.subset,
             report_subset=args.report_subset,
             write=not args.dry_run,
+            command=getattr(args, "command_line", ""),
         )
     except (OSError, ValueError, DicomNodeError) as error:
         sys.stderr.write(f"ensemble: {error}\n")

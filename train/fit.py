@@ -89,6 +89,40 @@ def _git_commit() -> str:
         return ""
 
 
+def later_step(
+    training: dict[str, Any], command: str, rule: dict[str, float] | None = None
+) -> dict[str, Any]:
+    """The card's ``training`` block with one more step after ``fit`` (``calibrate``,
+    ``ensemble``) appended to ``later_steps``: its command, the git commit and the date, so the
+    card still says how every field came to be. ``rule`` (``{"min_specificity": s}`` or
+    ``{"min_sensitivity": s}``) becomes the operating-point rule later steps reuse."""
+    step = {
+        "command": command,
+        "git_commit": _git_commit(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    updated = {**training, "later_steps": [*training.get("later_steps", []), step]}
+    if rule is not None:
+        updated["operating_rule"] = rule
+    return updated
+
+
+def operating_rule(training: dict[str, Any]) -> tuple[float, float | None]:
+    """(min_sensitivity, min_specificity) that set a bundle's operating point: the last
+    ``calibrate`` rule when there was one, else ``fit``'s arguments."""
+    rule = training.get("operating_rule")
+    if rule:
+        specificity = rule.get("min_specificity")
+        return float(rule.get("min_sensitivity", 0.95)), (
+            None if specificity is None else float(specificity)
+        )
+    arguments = training.get("args", {})
+    specificity = arguments.get("min_specificity")
+    return float(arguments.get("min_sensitivity", 0.95)), (
+        None if specificity in (None, "None") else float(specificity)
+    )
+
+
 def _split(dataset: LabelledSet, args: argparse.Namespace) -> dict[str, np.ndarray]:
     patients = [s.patient_id for s in dataset.samples]
     labels = [s.label_index for s in dataset.samples]

@@ -53,6 +53,13 @@ def test_calibrate_changes_the_card_not_the_weights(
     after = json.loads((run / "card.json").read_text())
     assert after["temperature"] == pytest.approx(dry["temperature"]["after"], abs=1e-4)
     assert after["model_sha256"] == sha256_file(run / "model.pt") == before["model_sha256"]
+    # The card says how its temperature came to be: the fit command, then this one.
+    assert after["training"]["command"] == before["training"]["command"]
+    steps = after["training"]["later_steps"]
+    assert [s["command"] for s in steps] == [
+        f"python -m train calibrate --bundle {run} --data {data}"
+    ]
+    assert len(steps[0]["git_commit"]) in (0, 40) and steps[0]["date"].endswith("Z")
     load_bundle(run)
 
 
@@ -116,7 +123,7 @@ def test_compare_with_and_without_roi_and_hip_operating_point(
     arguments += ["--epochs", "1", "--roi-epochs", "1", "--roi-size", "64", "--size", "64"]
     assert train_main([*arguments, "--split", "0.5", "0.3", "0.2"]) == 0
     table = (tmp_path / "compare.md").read_text()
-    assert "| orthonode_cnn | on |" in table and "| orthonode_cnn | off |" in table
+    assert "| orthonode_cnn | on | test |" in table and "| orthonode_cnn | off | test |" in table
     rows = json.loads((tmp_path / "compare.json").read_text())
     assert [r["roi"] for r in rows] == ["on", "off"] and all(r["n"] == 4 for r in rows)
     capsys.readouterr()
@@ -132,9 +139,14 @@ def test_compare_with_and_without_roi_and_hip_operating_point(
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["decision_threshold"]["min_sensitivity"] == 1.0
-    assert load_bundle(run).card.decision_threshold == pytest.approx(
-        result["decision_threshold"]["after"], abs=1e-4
-    )
+    card = load_bundle(run).card
+    assert card.decision_threshold == pytest.approx(result["decision_threshold"]["after"], abs=1e-4)
+    assert card.training["operating_rule"] == {"min_sensitivity": 1.0}
+    # Without a rule on the command line, calibrate keeps the one the card now records.
+    assert train_main(["calibrate", "--bundle", str(run), "--data", str(hip_data)]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["decision_threshold"]["min_sensitivity"] == 1.0
+    assert len(load_bundle(run).card.training["later_steps"]) == 2
 
 
 @pytest.mark.slow
