@@ -26,14 +26,11 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-import torch
 import yaml
 
 from dicom_node.domain import InstanceRef, RoutedView, StudyJob
 from dicom_node.infer import Predictor
-from dicom_node.models.backbones import build_backbone
-from dicom_node.models.bundle import load_bundle, save_bundle
-from dicom_node.models.codes import card_classes
+from dicom_node.models.bundle import load_bundle
 from tests.conftest import make_set, require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -175,28 +172,6 @@ class Node:
         return code
 
 
-def _bundle(root: Path, task: str, seed: int) -> Path:
-    torch.manual_seed(seed)
-    classes = card_classes(task)
-    path = root / "weights" / task
-    save_bundle(
-        path,
-        build_backbone("mobilenet_v3_small", len(classes)),
-        {
-            "task": task,
-            "name": f"orthonode {task} e2e test model",
-            "version": "0.0.0-e2e",
-            "device_uid": f"2.25.{1000 + seed}",
-            "classes": classes,
-            "backbone": "mobilenet_v3_small",
-            "input_size": 128,
-            "threshold": 0.0,
-            "demo": True,
-        },
-    )
-    return path
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Orthanc, Path]]:
     for tool in ("storescu", "echoscu", "dciodvfy", "dcentvfy", "dsrdump", "java", "Orthanc"):
@@ -216,9 +191,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Orth
         ],
         "spool": {"directory": str(root / "spool"), "min_free_mb": 10},
         "assembly": {"stable_after_s": 2},
-        "tasks": {
-            t: {"bundle": str(_bundle(root, t, i))} for i, t in enumerate(("knee", "hip", "spine"))
-        },
+        # The shipped demo bundles, as conf.yaml names them.
+        "tasks": {t: {"bundle": str(ROOT / "weights" / t)} for t in ("knee", "hip", "spine")},
         "send": {"backoff_initial_s": 1, "max_attempts": 5},
     }
     try:
@@ -262,7 +236,7 @@ def _errors(command: list[str]) -> list[str]:
 def test_study_round_trip(
     stack: tuple[Node, Orthanc, Path], task: str, views: int, tmp_path: Path
 ) -> None:
-    node, orthanc, root = stack
+    node, orthanc, _ = stack
     # Detector-sized images (1024 px), as the demo bundles were trained on.
     folder = make_set(tmp_path, task, task=task, patients=1, seed=40 + views, rows=1024, cols=1024)
     with (folder / "manifest.csv").open() as handle:
@@ -305,7 +279,7 @@ def test_study_round_trip(
     assert _errors(pixelmed) == []
 
     # The SR's result equals the bundle run directly on the same images.
-    bundle = load_bundle(root / "weights" / task)
+    bundle = load_bundle(ROOT / "weights" / task)
     job = StudyJob(
         study_uid,
         task,
