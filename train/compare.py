@@ -107,6 +107,7 @@ def main(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
     table = _markdown(rows)
-    (args.out / "compare.md").write_text("# Backbone comparison (test split)\n\n" + table)
+    title = "# Backbone comparison (one split: its test set, then each --external set)\n\n"
+    (args.out / "compare.md").write_text(title + table)
     sys.stdout.write(table)
     return 0
