@@ -297,7 +297,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             patience=args.patience,
             seed=args.seed,
             progress=args.progress,
-            augmentation=None if args.no_augment else Augmentation(),
+            augmentation=None
+            if args.no_augment
+            else Augmentation(gamma=args.aug_gamma, gain=args.aug_gain, noise=args.aug_noise),
         ),
         args.out / "checkpoint.pt",
         resume=args.resume,
@@ -539,6 +541,25 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--weight-decay", type=float, default=1e-4)
     optim.add_argument("--patience", type=int, default=20, help="early stopping, epochs")
     optim.add_argument("--no-augment", action="store_true")
+    defaults = Augmentation()
+    optim.add_argument(
+        "--aug-noise",
+        type=float,
+        default=defaults.noise,
+        help="augmentation: Gaussian noise up to this many standard deviations of the image",
+    )
+    optim.add_argument(
+        "--aug-gain",
+        type=float,
+        default=defaults.gain,
+        help="augmentation: contrast scaled by 1 ± this share",
+    )
+    optim.add_argument(
+        "--aug-gamma",
+        type=float,
+        default=defaults.gamma,
+        help="augmentation: tone curve gamma log-uniform in exp(± this)",
+    )
     optim.add_argument(
         "--attention-loss",
         type=float,

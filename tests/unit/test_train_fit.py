@@ -113,13 +113,15 @@ def test_tiny_train_bundle_load_predict(tmp_path: Path, roi: str) -> None:
     arguments = ["fit", "--data", str(data), "--out", str(out), "--size", "96"]
     arguments += ["--epochs", "2", "--roi-epochs", "2", "--roi-size", "128", "--roi", roi]
     arguments += ["--threads", "2", "--version", "0.0.1-test", "--split", "0.6", "0.2", "0.2"]
-    arguments += ["--external", str(external)]
+    arguments += ["--external", str(external), "--aug-noise", "0.4", "--aug-gamma", "0.3"]
     assert train_main(arguments) == 0
     bundle = load_bundle(out)
     card = json.loads((out / "card.json").read_text())
     assert card["task"] == "knee" and card["version"] == "0.0.1-test" and card["demo"] is True
     assert card["training"]["data_fingerprint"] and card["temperature"] > 0
     assert card["training"]["command"].startswith("python -m train fit --data")
+    assert card["training"]["args"]["aug_noise"] == "0.4"  # the augmentation is on record
+    assert card["training"]["args"]["aug_gamma"] == "0.3"
     assert set(card["metrics"]) >= {"AP", "LAT", "fused", "external:ext"}
     assert (card["roi"] is not None) == (roi == "on") == (bundle.localiser is not None)
     assert not list(out.glob("checkpoint*.pt"))
