@@ -66,7 +66,7 @@ def calibrate(
         },
     }
     changes: dict[str, Any] = {"temperature": new}
-    step = command or "python -m train calibrate"
+    rule: dict[str, float] | None = None
     if len(bundle.card.classes) == 2:
         views = bundle.card.views
         if len(views) == 2:  # the study-level result, as fit chose it and the node decides
@@ -93,9 +93,8 @@ def calibrate(
             "after": round(threshold, 4),
             **rule,
         }
-        changes["training"] = later_step(bundle.card.training, step, rule)
-    else:
-        changes["training"] = later_step(bundle.card.training, step)
+    step = command or "python -m train calibrate"
+    changes["training"] = later_step(bundle.card.training, step, rule)
     if write:
         update_card(bundle_path, changes)
     return result

@@ -230,6 +230,7 @@ def refit(
     from dicom_node.models.bundle import load_bundle, update_card
     from train.data import read_dataset
     from train.evaluate import predict_views, select_studies
+    from train.fit import later_step, operating_point, operating_rule
     from train.metrics import classification_metrics
 
     bundle = load_bundle(bundle_path)
@@ -271,8 +272,6 @@ def refit(
     if bundle.card.decision_threshold is not None:
         # The operating point was chosen on the old fused scores: choose it again on the new
         # ones, with the rule that trained the bundle.
-        from train.fit import operating_point, operating_rule
-
         sensitivity, specificity = operating_rule(bundle.card.training)
         fused = fused_probabilities(fitted_views, stacker)[:, 1]
         changes["decision_threshold"] = operating_point(
@@ -282,8 +281,6 @@ def refit(
             "before": bundle.card.decision_threshold,
             "after": round(changes["decision_threshold"], 4),
         }
-    from train.fit import later_step
-
     changes["training"] = later_step(bundle.card.training, command or "python -m train ensemble")
     if write:
         update_card(bundle_path, changes)

@@ -110,15 +110,9 @@ def later_step(
 def operating_rule(training: dict[str, Any]) -> tuple[float, float | None]:
     """(min_sensitivity, min_specificity) that set a bundle's operating point: the last
     ``calibrate`` rule when there was one, else ``fit``'s arguments."""
-    rule = training.get("operating_rule")
-    if rule:
-        specificity = rule.get("min_specificity")
-        return float(rule.get("min_sensitivity", 0.95)), (
-            None if specificity is None else float(specificity)
-        )
-    arguments = training.get("args", {})
-    specificity = arguments.get("min_specificity")
-    return float(arguments.get("min_sensitivity", 0.95)), (
+    source = training.get("operating_rule") or training.get("args", {})
+    specificity = source.get("min_specificity")
+    return float(source.get("min_sensitivity", 0.95)), (
         None if specificity in (None, "None") else float(specificity)
     )
 
@@ -542,24 +536,17 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     optim.add_argument("--patience", type=int, default=20, help="early stopping, epochs")
     optim.add_argument("--no-augment", action="store_true")
     defaults = Augmentation()
-    optim.add_argument(
-        "--aug-noise",
-        type=float,
-        default=defaults.noise,
-        help="augmentation: Gaussian noise up to this many standard deviations of the image",
-    )
-    optim.add_argument(
-        "--aug-gain",
-        type=float,
-        default=defaults.gain,
-        help="augmentation: contrast scaled by 1 ± this share",
-    )
-    optim.add_argument(
-        "--aug-gamma",
-        type=float,
-        default=defaults.gamma,
-        help="augmentation: tone curve gamma log-uniform in exp(± this)",
-    )
+    for name, meaning in (
+        ("noise", "Gaussian noise up to this many standard deviations of the image"),
+        ("gain", "contrast scaled by 1 ± this share"),
+        ("gamma", "tone curve gamma log-uniform in exp(± this)"),
+    ):
+        optim.add_argument(
+            f"--aug-{name}",
+            type=float,
+            default=getattr(defaults, name),
+            help=f"augmentation: {meaning}",
+        )
     optim.add_argument(
         "--attention-loss",
         type=float,

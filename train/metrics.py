@@ -119,6 +119,44 @@ def expected_calibration_error(
     return float(np.sum(count[filled] / len(labels) * gap))
 
 
+def _operating_curve(
+    positive_probability: np.ndarray, labels: np.ndarray, name: str, required: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, bool]:
+    """Checked inputs of the threshold choosers: the distinct scores (highest first), the
+    sensitivity and specificity of ``score >= candidate`` at each, and whether any sample is
+    positive (without positives sensitivity is 0, without negatives specificity is 1)."""
+    scores = np.asarray(positive_probability, dtype=np.float64)
+    truth = np.asarray(labels)
+    if scores.ndim != 1 or truth.shape != scores.shape or scores.size == 0:
+        raise ValueError(
+            f"positive_probability and labels must be non-empty 1-D arrays of one length, "
+            f"got shapes {scores.shape} and {truth.shape}"
+        )
+    if not np.isin(truth, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1, got values {np.unique(truth).tolist()}")
+    if not 0.0 <= required <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {required}")
+    positive = truth == 1
+    candidates = np.unique(scores)[::-1]  # distinct scores, highest first
+    if positive.any():
+        sensitivity = _share_at_or_above(scores[positive], candidates)
+    else:
+        sensitivity = np.zeros(len(candidates))
+    if (~positive).any():
+        specificity = 1.0 - _share_at_or_above(scores[~positive], candidates)
+    else:
+        specificity = np.ones(len(candidates))
+    return candidates, sensitivity, specificity, bool(positive.any())
+
+
+def _midpoint_below(candidates: np.ndarray, chosen: int) -> float:
+    """The threshold that classifies like ``candidates[chosen]`` without lying on a sample: the
+    midpoint to the next lower distinct score, or the score itself when it is the lowest."""
+    if chosen == len(candidates) - 1:
+        return float(candidates[chosen])
+    return float((candidates[chosen] + candidates[chosen + 1]) / 2.0)
+
+
 def choose_threshold(
     positive_probability: np.ndarray, labels: np.ndarray, min_sensitivity: float
 ) -> float:
@@ -154,27 +192,11 @@ def choose_threshold(
         If the inputs are empty, of different lengths, labels are not 0/1, or
         ``min_sensitivity`` is outside [0, 1].
     """
-    scores = np.asarray(positive_probability, dtype=np.float64)
-    truth = np.asarray(labels)
-    if scores.ndim != 1 or truth.shape != scores.shape or scores.size == 0:
-        raise ValueError(
-            f"positive_probability and labels must be non-empty 1-D arrays of one length, "
-            f"got shapes {scores.shape} and {truth.shape}"
-        )
-    if not np.isin(truth, (0, 1)).all():
-        raise ValueError(f"labels must be 0 or 1, got values {np.unique(truth).tolist()}")
-    if not 0.0 <= min_sensitivity <= 1.0:
-        raise ValueError(f"min_sensitivity must be in [0, 1], got {min_sensitivity}")
-    positive = truth == 1
-    candidates = np.unique(scores)[::-1]  # distinct scores, highest first
-    if not positive.any():
+    candidates, sensitivity, specificity, has_positive = _operating_curve(
+        positive_probability, labels, "min_sensitivity", min_sensitivity
+    )
+    if not has_positive:
         return float(candidates[-1])
-    sensitivity = _share_at_or_above(scores[positive], candidates)
-    negative_scores = scores[~positive]
-    if negative_scores.size:
-        specificity = 1.0 - _share_at_or_above(negative_scores, candidates)
-    else:
-        specificity = np.ones(len(candidates))
     # Exact comparison would drop a candidate whose sensitivity is k/n_pos == min_sensitivity
     # but evaluates a rounding error below it.
     eligible = sensitivity >= min_sensitivity - 1e-12
@@ -182,9 +204,7 @@ def choose_threshold(
         return float(candidates[-1])
     best = specificity[eligible].max()
     chosen = int(np.flatnonzero(eligible & (specificity == best))[-1])  # lowest score of ties
-    if chosen == len(candidates) - 1:
-        return float(candidates[chosen])
-    return float((candidates[chosen] + candidates[chosen + 1]) / 2.0)
+    return _midpoint_below(candidates, chosen)
 
 
 def choose_threshold_for_specificity(
@@ -200,35 +220,15 @@ def choose_threshold_for_specificity(
     reaches ``min_specificity``, a threshold above every score (nothing is called positive).
     Apply it as ``positive_probability >= threshold``.
     """
-    scores = np.asarray(positive_probability, dtype=np.float64)
-    truth = np.asarray(labels)
-    if scores.ndim != 1 or truth.shape != scores.shape or scores.size == 0:
-        raise ValueError(
-            f"positive_probability and labels must be non-empty 1-D arrays of one length, "
-            f"got shapes {scores.shape} and {truth.shape}"
-        )
-    if not np.isin(truth, (0, 1)).all():
-        raise ValueError(f"labels must be 0 or 1, got values {np.unique(truth).tolist()}")
-    if not 0.0 <= min_specificity <= 1.0:
-        raise ValueError(f"min_specificity must be in [0, 1], got {min_specificity}")
-    positive = truth == 1
-    candidates = np.unique(scores)[::-1]  # highest first
-    if positive.any():
-        sensitivity = _share_at_or_above(scores[positive], candidates)
-    else:
-        sensitivity = np.zeros(len(candidates))
-    if (~positive).any():
-        specificity = 1.0 - _share_at_or_above(scores[~positive], candidates)
-    else:
-        specificity = np.ones(len(candidates))
+    candidates, sensitivity, specificity, _ = _operating_curve(
+        positive_probability, labels, "min_specificity", min_specificity
+    )
     eligible = specificity >= min_specificity - 1e-12
     if not eligible.any():
         return float(np.nextafter(candidates[0], np.inf))
     best = sensitivity[eligible].max()
     chosen = int(np.flatnonzero(eligible & (sensitivity == best))[0])  # highest score of ties
-    if chosen == len(candidates) - 1:
-        return float(candidates[chosen])
-    return float((candidates[chosen] + candidates[chosen + 1]) / 2.0)
+    return _midpoint_below(candidates, chosen)
 
 
 def abstention(probabilities: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
