@@ -283,7 +283,15 @@ def test_sizes_and_pixel_spacing(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [{"task": "elbow"}, {"patients": 0}, {"rows": 64}, {"views": ("AP", "OBL")}]
+    "bad",
+    [
+        {"task": "elbow"},
+        {"patients": 0},
+        {"rows": 64},
+        {"views": ("AP", "OBL")},
+        {"loose_fraction": 1.5},
+        {"task": "hip", "lucency_free_fraction": -0.1},
+    ],
 )
 def test_bad_options_are_refused(tmp_path: Path, bad: dict[str, object]) -> None:
     options = {"task": "knee", "patients": 1, **bad}
@@ -294,3 +302,65 @@ def test_bad_options_are_refused(tmp_path: Path, bad: dict[str, object]) -> None
 def test_hip_lateral_is_optional(tmp_path: Path) -> None:
     folder = make_set(tmp_path, "hip2", task="hip", patients=2, seed=1, views=("AP", "LAT"))
     assert Counter(r["view"] for r in _manifest(folder)) == {"AP": 2, "LAT": 2}
+
+
+def _lucency_free(design: dict[str, object]) -> bool:
+    return not design["lucent_zones"]
+
+
+def test_hip_lucency_free_fraction_sets_the_share_of_loose_without_a_lucent_line() -> None:
+    designs = [
+        hip.sample_design(np.random.default_rng(i), "loose", 1.0, lucency_free=0.3)
+        for i in range(2000)
+    ]
+    free = [d for d in designs if _lucency_free(d)]
+    assert 0.26 < len(free) / len(designs) < 0.34
+    # Every such implant still shows loosening: subsidence and/or osteolysis, each in ~2/3.
+    assert all(d["subsidence_mm"] >= 4.0 or d["osteolysis"] >= 1 for d in free)
+    subsided = sum(d["subsidence_mm"] > 0 for d in free) / len(free)
+    lytic = sum(d["osteolysis"] > 0 for d in free) / len(free)
+    assert 0.58 < subsided < 0.75 and 0.58 < lytic < 0.75
+    # The others have a wide lucent line; well-fixed implants do not change.
+    assert all(d["lucency_mm"] >= 2.0 for d in designs if not _lucency_free(d))
+    for i in range(50):
+        fixed = hip.sample_design(np.random.default_rng(i), "well-fixed", 1.0, lucency_free=0.3)
+        assert fixed == hip.sample_design(np.random.default_rng(i), "well-fixed", 1.0)
+    everyone = [hip.sample_design(np.random.default_rng(i), "loose", 1.0, 1.0) for i in range(200)]
+    assert all(_lucency_free(d) for d in everyone)
+
+
+def test_hip_natural_mix_is_unchanged() -> None:
+    """Without the option about 8 % of loose implants have no lucent line, drawn in the order
+    the demo bundles' training sets were generated with (pinned: those sets must regenerate)."""
+    designs = [hip.sample_design(np.random.default_rng(i), "loose", 1.0) for i in range(3000)]
+    assert 0.06 < sum(_lucency_free(d) for d in designs) / len(designs) < 0.10
+    pinned = {
+        2: (4.331, 1, [3, 6, 10]),
+        3: (0.0, 2, [1, 4, 5, 8]),
+        7: (8.927, 0, []),
+        11: (4.779, 0, []),
+    }
+    for seed, (subsidence, osteolysis, zones) in pinned.items():
+        d = designs[seed]
+        assert (round(d["subsidence_mm"], 3), d["osteolysis"], d["lucent_zones"]) == (
+            subsidence,
+            osteolysis,
+            zones,
+        )
+
+
+def test_lucency_free_option_reaches_the_manifest(tmp_path: Path) -> None:
+    folder = make_set(
+        tmp_path,
+        "lf",
+        task="hip",
+        patients=6,
+        seed=4,
+        loose_fraction=1.0,
+        lucency_free_fraction=1.0,
+    )
+    rows = _manifest(folder)
+    assert len(rows) == 6
+    for row in rows:
+        assert row["label"] == "loose" and row["design_lucent_zones"] == ""
+        assert float(row["design_subsidence_mm"]) > 0 or int(row["design_osteolysis"]) > 0

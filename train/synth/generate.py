@@ -113,6 +113,7 @@ class SynthOptions:
     rotation: float = 15.0
     views: tuple[str, ...] | None = None  # None: the task's views
     loose_fraction: float = 0.5
+    lucency_free_fraction: float | None = None  # None: the hip generator's natural mix
     first_patient: int = 0
     workers: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
@@ -196,7 +197,10 @@ def _render_patient(job: _Job) -> list[dict[str, str]]:
     header = _patient_header(options, index, rng, sex)
     side = ("R" if rng.random() < 0.5 else "L") if task != "spine" else "U"
     anatomy = module.sample_anatomy(rng, scale)
-    design = module.sample_design(rng, job.label, scale)
+    if task == "hip":
+        design = module.sample_design(rng, job.label, scale, options.lucency_free_fraction)
+    else:
+        design = module.sample_design(rng, job.label, scale)
     bits = options.bits_stored or int(rng.choice([12, 14, 16]))
     photometric = options.photometric
     if photometric == "mixed":
@@ -333,6 +337,12 @@ def generate(options: SynthOptions, progress: bool = False) -> Path:
     unknown = set(options.task_views) - set(TASKS[options.task].SUPPORTED_VIEWS)
     if unknown:
         raise ValueError(f"task {options.task} has no view {sorted(unknown)}")
+    for name, share in (
+        ("--loose-fraction", options.loose_fraction),
+        ("--lucency-free-fraction", options.lucency_free_fraction),
+    ):
+        if share is not None and not 0.0 <= share <= 1.0:
+            raise ValueError(f"{name}={share}: a share between 0 and 1")
     options.out.mkdir(parents=True, exist_ok=True)
     jobs = _jobs(options)
     started = time.perf_counter()
@@ -474,6 +484,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         "--loose-fraction", type=float, default=0.5, help="hip: share of loose implants"
     )
     parser.add_argument(
+        "--lucency-free-fraction",
+        type=float,
+        default=None,
+        help="hip: share of loose implants shown by subsidence and/or osteolysis only, "
+        "without a lucent line (default: the natural mix, about 8 %%)",
+    )
+    parser.add_argument(
         "--first-patient", type=int, default=0, help="index of the first patient (to extend a set)"
     )
     parser.add_argument(
@@ -508,6 +525,7 @@ def options_from_args(args: argparse.Namespace) -> SynthOptions:
         rotation=pick("rotation", 15.0),
         views=tuple(v.strip().upper() for v in args.views.split(",")) if args.views else None,
         loose_fraction=args.loose_fraction,
+        lucency_free_fraction=args.lucency_free_fraction,
         first_patient=args.first_patient,
         workers=max(1, args.workers or os.cpu_count() or 1),
     )

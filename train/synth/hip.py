@@ -50,8 +50,17 @@ def sample_anatomy(rng: np.random.Generator, scale: float) -> dict[str, float]:
     }
 
 
-def sample_design(rng: np.random.Generator, label: str, scale: float) -> dict[str, Any]:
-    """Implant (nuisance) and the fixation state that defines the class."""
+def sample_design(
+    rng: np.random.Generator,
+    label: str,
+    scale: float,
+    lucency_free: float | None = None,
+) -> dict[str, Any]:
+    """Implant (nuisance) and the fixation state that defines the class.
+
+    ``lucency_free``: share of loose implants whose only signs are subsidence and/or osteolysis
+    (no lucent line). None keeps the natural mix, where about 8 % of loose implants are such.
+    """
     stem = str(rng.choice(STEM_DESIGNS))
     length = {
         "taper-wedge": (120, 140),
@@ -73,11 +82,23 @@ def sample_design(rng: np.random.Generator, label: str, scale: float) -> dict[st
         "lucency_extent": 0.0,
     }
     if label == "loose":
-        wants_lucency = rng.random() < 0.85
-        if rng.random() < 0.3:
-            design["subsidence_mm"] = float(rng.uniform(4.0, 10.0))
-        if rng.random() < 0.3:
-            design["osteolysis"] = int(rng.integers(1, 3))
+        if lucency_free is None:
+            # The draw order here is what earlier sets were generated with; keep it.
+            wants_lucency = rng.random() < 0.85
+            if rng.random() < 0.3:
+                design["subsidence_mm"] = float(rng.uniform(4.0, 10.0))
+            if rng.random() < 0.3:
+                design["osteolysis"] = int(rng.integers(1, 3))
+        else:
+            wants_lucency = rng.random() >= lucency_free
+            # Without a lucent line: subsidence only, osteolysis only, or both (a third each).
+            kind = int(rng.integers(0, 3))
+            subsides = rng.random() < 0.3 if wants_lucency else kind != 1
+            osteolysis = rng.random() < 0.3 if wants_lucency else kind != 0
+            if subsides:
+                design["subsidence_mm"] = float(rng.uniform(4.0, 10.0))
+            if osteolysis:
+                design["osteolysis"] = int(rng.integers(1, 3))
         if wants_lucency or not (design["subsidence_mm"] or design["osteolysis"]):
             pool = _ZONES_STEM + _ZONES_CUP
             count = int(rng.integers(2, 5))
