@@ -12,12 +12,11 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import uuid
 from pathlib import Path
 from typing import Any
 
 from dicom_node.errors import BundleError
-from dicom_node.models.bundle import load_bundle, update_card
+from dicom_node.models.bundle import device_uid, load_bundle, update_card
 
 __all__ = ["export", "get_args_parser", "main"]
 
@@ -42,8 +41,7 @@ def export(
         changes["name"] = name
     if version and version != bundle.card.version:
         changes["version"] = version
-        key = f"orthonode/{bundle.card.task}/{version}/{bundle.card.model_sha256}"
-        changes["device_uid"] = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, key).int}"
+        changes["device_uid"] = device_uid(bundle.card.task, version, bundle.card.model_sha256)
     if changes:
         update_card(destination, changes)
     exported = load_bundle(destination)

@@ -27,7 +27,6 @@ import shlex
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -343,13 +342,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         metrics["region_of_interest"] = roi_metrics
 
     version = args.version
-    device_key = f"orthonode/{task}/{version}/{dataset.fingerprint}"  # replaced once saved
     card = {
         "task": task,
         "name": args.name or f"orthonode {task} classifier",
         "version": version,
         "demo": not args.not_demo,
-        "device_uid": f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, device_key).int}",
         "classes": card_classes(task),
         "backbone": args.backbone,
         "input_size": args.size,
@@ -381,10 +378,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "device": context.device.type,
         },
     }
-    saved = save_bundle(args.out, model, card, localiser)
-    # The SR observer's Device UID changes whenever the weights do (a retrained model).
-    device_key = f"orthonode/{task}/{version}/{saved.model_sha256}"
-    update_card(args.out, {"device_uid": f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, device_key).int}"})
+    save_bundle(args.out, model, card, localiser)  # the Device UID follows the weights
     for checkpoint in ("checkpoint.pt", "checkpoint-localiser.pt"):
         (args.out / checkpoint).unlink(missing_ok=True)
     _write_split(args.out / "split.csv", dataset, index)

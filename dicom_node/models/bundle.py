@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +32,7 @@ __all__ = [
     "CardClass",
     "RoiSpec",
     "Stacker",
+    "device_uid",
     "load_bundle",
     "save_bundle",
     "sha256_file",
@@ -213,17 +215,26 @@ def load_bundle(path: Path, device: torch.device | str = "cpu") -> Bundle:
     return Bundle(path=path, card=card, model=model, localiser=localiser)
 
 
+def device_uid(task: str, version: str, model_sha256: str) -> str:
+    """The SR observer's Device UID: stable for one model version, new whenever the weights are."""
+    key = f"orthonode/{task}/{version}/{model_sha256}"
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, key).int}"
+
+
 def save_bundle(
     path: Path,
     model: nn.Module,
     card_fields: dict[str, Any],
     localiser: nn.Module | None = None,
 ) -> Card:
-    """Write model.pt (and localiser.pt) and card.json (the sha256s are computed here)."""
+    """Write model.pt (and localiser.pt) and card.json (the sha256s are computed here, and the
+    Device UID from the weights' sha256 unless ``card_fields`` gives one)."""
     path.mkdir(parents=True, exist_ok=True)
     weights = path / "model.pt"
     torch.save(_cpu_state(model), weights)
     fields = {**card_fields, "model_sha256": sha256_file(weights)}
+    if not fields.get("device_uid"):
+        fields["device_uid"] = device_uid(fields["task"], fields["version"], fields["model_sha256"])
     if localiser is not None:
         roi = dict(fields.get("roi") or {})
         target = path / roi.get("file", "localiser.pt")

@@ -13,7 +13,7 @@ import torch
 
 from dicom_node.domain import InstanceRef, RoutedView, StudyJob
 from dicom_node.infer import Predictor
-from dicom_node.models.bundle import load_bundle
+from dicom_node.models.bundle import device_uid, load_bundle
 from tests.conftest import make_set
 from train.__main__ import main as train_main
 from train.data import kfold_patients, read_dataset, split_patients
@@ -119,6 +119,8 @@ def test_tiny_train_bundle_load_predict(tmp_path: Path, roi: str) -> None:
     card = json.loads((out / "card.json").read_text())
     assert card["task"] == "knee" and card["version"] == "0.0.1-test" and card["demo"] is True
     assert card["training"]["data_fingerprint"] and card["temperature"] > 0
+    # The SR's Device UID follows the weights: another model, another UID.
+    assert card["device_uid"] == device_uid("knee", "0.0.1-test", card["model_sha256"])
     assert card["training"]["command"].startswith("python -m train fit --data")
     assert card["training"]["args"]["aug_noise"] == "0.4"  # the augmentation is on record
     assert card["training"]["args"]["aug_gamma"] == "0.3"
