@@ -30,7 +30,7 @@ from dicom_node.explain import explain
 from dicom_node.infer import Predictor
 from dicom_node.models.bundle import Bundle, load_bundle
 from train.data import LabelledSet, Sample, read_dataset
-from train.metrics import abstention, classification_metrics
+from train.metrics import abstention, bootstrap_intervals, classification_metrics
 from train.report import Section, markdown_summary, write_report
 
 __all__ = [
@@ -141,7 +141,8 @@ def evaluate(
     -------
     dict
         ``task``, ``bundle`` (version), ``data``, ``patients``, ``sections`` (name → metrics:
-        AP, LAT, fused), ``raw`` (the :data:`train.report.Section` tuples, not JSON), and
+        AP, LAT, fused; each with ``ci95``, the 95 % bootstrap intervals of its headline
+        numbers), ``raw`` (the :data:`train.report.Section` tuples, not JSON), and
         ``saliency`` when asked.
     """
     bundle = load_bundle(bundle_path)
@@ -183,6 +184,9 @@ def evaluate(
         probabilities = np.stack([p for p, _ in pairs])
         truth = np.array([label for _, label in pairs])
         metrics = classification_metrics(probabilities, truth, names, threshold)
+        intervals = bootstrap_intervals(probabilities, truth, threshold)
+        if intervals:
+            metrics["ci95"] = intervals
         if threshold is None and bundle.card.threshold > 0:
             metrics.update(abstention(probabilities, truth, bundle.card.threshold))
         raw.append((name, metrics, probabilities, truth))

@@ -30,6 +30,7 @@ from sklearn.preprocessing import label_binarize
 
 __all__ = [
     "abstention",
+    "bootstrap_intervals",
     "choose_threshold",
     "choose_threshold_for_specificity",
     "classification_metrics",
@@ -367,6 +368,79 @@ def classification_metrics(
         result["sensitivity"] = _round(sensitivity[1])
         result["specificity"] = _round(specificity[1])
     return result
+
+
+def bootstrap_intervals(
+    probabilities: np.ndarray,
+    labels: np.ndarray,
+    threshold: float | None = None,
+    *,
+    resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, list[float]]:
+    """Percentile bootstrap intervals of the headline numbers, resampling within each class.
+
+    Resampling within each class keeps the class counts of the evaluated set (a test set's
+    prevalence is fixed by design), so every resample has every class and its AUC is defined.
+    With 150 studies the intervals are wide: an ECE target of 0.05 is within the sampling noise
+    of one evaluation set, which is why the model cards report several sets.
+
+    Parameters
+    ----------
+    probabilities : np.ndarray
+        Class probabilities, shape (n, k).
+    labels : np.ndarray
+        True class indices, shape (n,).
+    threshold : float | None
+        Binary tasks: the decision threshold on P(class 1), as in :func:`classification_metrics`
+        (then also ``sensitivity`` and ``specificity`` of class 1).
+    resamples : int
+        Bootstrap resamples.
+    level : float
+        Coverage of the interval, e.g. 0.95.
+    seed : int
+        Seed of the resampling, so a report is reproducible.
+
+    Returns
+    -------
+    dict[str, list[float]]
+        ``{name: [low, high]}`` for ``accuracy``, ``auc`` (two classes; ``auc_macro`` for more),
+        ``ece`` and, with ``threshold``, ``sensitivity`` and ``specificity``; rounded to 4
+        decimals. Empty when some class of ``range(k)`` is absent from ``labels``.
+    """
+    probabilities, labels = _check_inputs(probabilities, labels)
+    k = probabilities.shape[1]
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise ValueError(f"need resamples >= 1 and 0 < level < 1, got {resamples}, {level}")
+    members = [np.flatnonzero(labels == c) for c in range(k)]
+    if k < 2 or any(m.size == 0 for m in members):
+        return {}
+    rng = np.random.default_rng(seed)
+    auc_name = "auc" if k == 2 else "auc_macro"
+    draws: dict[str, list[float]] = {"accuracy": [], auc_name: [], "ece": []}
+    if threshold is not None:
+        draws.update(sensitivity=[], specificity=[])
+    for _ in range(resamples):
+        index = np.concatenate([rng.choice(m, size=m.size, replace=True) for m in members])
+        p, y = probabilities[index], labels[index]
+        if threshold is not None:
+            predicted = (p[:, 1] >= threshold).astype(np.int64)
+            draws["sensitivity"].append(float(np.mean(predicted[y == 1] == 1)))
+            draws["specificity"].append(float(np.mean(predicted[y == 0] == 0)))
+        else:
+            predicted = p.argmax(axis=1)
+        draws["accuracy"].append(float(np.mean(predicted == y)))
+        draws["ece"].append(expected_calibration_error(p, y))
+        if k == 2:
+            draws[auc_name].append(float(roc_auc_score(y, p[:, 1])))
+        else:
+            draws[auc_name].append(float(roc_auc_score(y, p, multi_class="ovr", average="macro")))
+    tail = (1.0 - level) / 2 * 100
+    return {
+        name: [_round(np.percentile(values, tail)), _round(np.percentile(values, 100 - tail))]
+        for name, values in draws.items()
+    }
 
 
 def roc_curves(

@@ -115,6 +115,9 @@ def _markdown(
     if preamble:
         lines += [preamble.strip(), ""]
     lines += _summary_table(sections)
+    if any(metrics.get("ci95") for _, metrics, _, _ in sections):
+        lines += ["", "95 % bootstrap intervals (1000 resamples of the studies within each class):"]
+        lines += ["", *_interval_table(sections)]
     for name, metrics, _, _ in sections:
         lines += ["", f"{'#' * (level + 1)} {name}", ""]
         lines += _per_class_table(metrics)
@@ -167,6 +170,36 @@ def _summary_table(sections: Sequence[Section]) -> list[str]:
             row += [_number(metrics.get("answered")), _number(metrics.get("accuracy_answered"))]
         rows.append(row)
     return _table(header, rows)
+
+
+def _interval_table(sections: Sequence[Section]) -> list[str]:
+    """Low–high per headline number and section (see ``train.metrics.bootstrap_intervals``)."""
+    columns = [
+        ("accuracy", "accuracy"),
+        ("auc", "AUC"),
+        ("auc_macro", "AUC (macro)"),
+        ("ece", "ECE"),
+        ("sensitivity", "sensitivity"),
+        ("specificity", "specificity"),
+    ]
+    present = [
+        (key, title)
+        for key, title in columns
+        if any(key in (metrics.get("ci95") or {}) for _, metrics, _, _ in sections)
+    ]
+    rows = []
+    for name, metrics, _, _ in sections:
+        intervals = metrics.get("ci95") or {}
+        rows.append(
+            [_cell(name)]
+            + [
+                f"{_number(intervals[key][0])}–{_number(intervals[key][1])}"
+                if key in intervals
+                else "–"
+                for key, _ in present
+            ]
+        )
+    return _table(["section"] + [title for _, title in present], rows)
 
 
 def _per_class_table(metrics: dict[str, Any]) -> list[str]:

@@ -160,6 +160,8 @@ def test_tiny_train_bundle_load_predict(tmp_path: Path, roi: str) -> None:
     matrix = np.array(result["sections"]["fused"]["confusion"])
     assert matrix.sum() == 30
     assert result["sections"]["fused"]["accuracy"] == pytest.approx(np.trace(matrix) / 30, abs=1e-4)
+    low, high = result["sections"]["fused"]["ci95"]["accuracy"]
+    assert low <= result["sections"]["fused"]["accuracy"] <= high
     markdown = to_markdown(result, "held-out")
     assert "fused" in markdown and "Zimmer Persona" in markdown and "30 patients" in markdown
 

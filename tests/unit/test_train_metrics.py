@@ -19,6 +19,7 @@ from sklearn.metrics import (
 )
 
 from train.metrics import (
+    bootstrap_intervals,
     choose_threshold,
     classification_metrics,
     expected_calibration_error,
@@ -404,6 +405,16 @@ def test_write_report_writes_markdown_and_pngs(tmp_path: Path) -> None:
     assert "### fused" in summary
     assert ".png" not in summary
     assert f"| {multi['accuracy']:.4f} |" in summary
+    assert "bootstrap" not in summary  # no intervals given, no interval table
+
+    binary["ci95"] = bootstrap_intervals(binary_probabilities, binary_labels, threshold)
+    with_intervals = markdown_summary(sections, "Evaluation")
+    low, high = binary["ci95"]["ece"]
+    assert "95 % bootstrap intervals" in with_intervals
+    assert "| section | accuracy | AUC | ECE | sensitivity | specificity |" in with_intervals
+    assert f"| fused | {binary['ci95']['accuracy'][0]:.4f}–" in with_intervals
+    assert f"| {low:.4f}–{high:.4f} |" in with_intervals
+    assert "| AP | – | – | – | – | – |" in with_intervals
 
 
 def test_write_report_rejects_names_that_collide_as_files(tmp_path: Path) -> None:
@@ -455,3 +466,41 @@ def test_abstention_counts_answered_cases_and_their_accuracy() -> None:
         "accuracy_answered": pytest.approx(0.6667),
     }
     assert abstention(probabilities, labels, 0.95) == {"answered": 0.0, "accuracy_answered": 0.0}
+
+
+def test_bootstrap_intervals_cover_the_estimate_and_narrow_with_more_studies() -> None:
+    small_p, small_y = _random_case(150, 2, seed=11)
+    large_p, large_y = _random_case(1500, 2, seed=11)
+    small = bootstrap_intervals(small_p, small_y, threshold=0.5)
+    point = classification_metrics(small_p, small_y, BINARY_NAMES, threshold=0.5)
+    assert set(small) == {"accuracy", "auc", "ece", "sensitivity", "specificity"}
+    for name, (low, high) in small.items():
+        assert low <= point[name] <= high, (name, low, point[name], high)
+    # Sensitivity over ~75 positives: about ±1.96·sqrt(p(1-p)/75), as a binomial would have it.
+    positives = int((small_y == 1).sum())
+    binomial = 1.96 * np.sqrt(point["sensitivity"] * (1 - point["sensitivity"]) / positives)
+    low, high = small["sensitivity"]
+    assert 0.7 * binomial < (high - low) / 2 < 1.3 * binomial
+    large = bootstrap_intervals(large_p, large_y, threshold=0.5)
+    for name in small:
+        assert large[name][1] - large[name][0] < small[name][1] - small[name][0], name
+    # Reproducible for one seed; another seed moves the ends a little.
+    assert bootstrap_intervals(small_p, small_y, threshold=0.5) == small
+    assert bootstrap_intervals(small_p, small_y, threshold=0.5, seed=1) != small
+
+
+def test_bootstrap_intervals_edge_cases() -> None:
+    perfect = np.array([[0.9, 0.1]] * 5 + [[0.2, 0.8]] * 5)
+    truth = np.array([0] * 5 + [1] * 5)
+    intervals = bootstrap_intervals(perfect, truth, threshold=0.5, resamples=200)
+    assert intervals["auc"] == [1.0, 1.0] and intervals["sensitivity"] == [1.0, 1.0]
+    assert intervals["ece"][0] == pytest.approx(0.15)  # confidence 0.9 / 0.8, always right
+    multi_p, multi_y = _random_case(60, 4, seed=2)
+    assert set(bootstrap_intervals(multi_p, multi_y, resamples=50)) == {
+        "accuracy",
+        "auc_macro",
+        "ece",
+    }
+    assert bootstrap_intervals(perfect[:5], truth[:5]) == {}  # one class only: no intervals
+    with pytest.raises(ValueError):
+        bootstrap_intervals(perfect, truth, level=1.5)
