@@ -76,14 +76,23 @@ NORMALISATION = {"orthonode_cnn": ("standardise", 1), "orthonode_cnn16": ("stand
 
 
 def _git_commit() -> str:
-    try:
+    """HEAD of the checkout the code runs from, with "-dirty" when tracked files differ from it;
+    empty outside a git checkout."""
+
+    def git(*arguments: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
+            ["git", *arguments],
             capture_output=True,
             text=True,
             cwd=Path(__file__).parent,
             timeout=10,
-        ).stdout.strip()
+        )
+
+    try:
+        head = git("rev-parse", "HEAD").stdout.strip()
+        if head and git("diff", "--quiet", "HEAD", "--").returncode == 1:
+            head += "-dirty"
+        return head
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -185,6 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     context = init_distributed(prefer_cuda=args.device != "cpu")
     torch.manual_seed(args.seed)
     started = time.perf_counter()
+    commit = _git_commit()  # the code that trains, not what the checkout holds when it ends
     dataset = read_dataset(args.data, args.labels)
     task, names, views = dataset.task, list(dataset.classes), dataset.views
     index = _split(dataset, args)
@@ -370,7 +380,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "metrics": metrics,
         "training": {
             "data_fingerprint": dataset.fingerprint,
-            "git_commit": _git_commit(),
+            "git_commit": commit,
             "command": getattr(args, "command_line", "") or _command(),
             "args": {k: str(v) for k, v in vars(args).items() if k != "command_line"},
             "seconds": round(time.perf_counter() - started, 1),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -122,6 +123,9 @@ def test_tiny_train_bundle_load_predict(tmp_path: Path, roi: str) -> None:
     # The SR's Device UID follows the weights: another model, another UID.
     assert card["device_uid"] == device_uid("knee", "0.0.1-test", card["model_sha256"])
     assert card["training"]["command"].startswith("python -m train fit --data")
+    # The commit the code ran from (this test runs inside the checkout; "-dirty" while edited).
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    assert card["training"]["git_commit"].removesuffix("-dirty") == head.strip()
     assert card["training"]["args"]["aug_noise"] == "0.4"  # the augmentation is on record
     assert card["training"]["args"]["aug_gamma"] == "0.3"
     assert set(card["metrics"]) >= {"AP", "LAT", "fused", "external:ext"}
