@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.metrics import (
     accuracy_score,
     balanced_accuracy_score,
@@ -410,36 +411,46 @@ def bootstrap_intervals(
         decimals. Empty when some class of ``range(k)`` is absent from ``labels``.
     """
     probabilities, labels = _check_inputs(probabilities, labels)
-    k = probabilities.shape[1]
+    n, k = probabilities.shape
     if resamples < 1 or not 0.0 < level < 1.0:
         raise ValueError(f"need resamples >= 1 and 0 < level < 1, got {resamples}, {level}")
     members = [np.flatnonzero(labels == c) for c in range(k)]
     if k < 2 or any(m.size == 0 for m in members):
         return {}
     rng = np.random.default_rng(seed)
-    auc_name = "auc" if k == 2 else "auc_macro"
-    draws: dict[str, list[float]] = {"accuracy": [], auc_name: [], "ece": []}
+    index = np.concatenate(
+        [rng.choice(m, size=(resamples, m.size), replace=True) for m in members], axis=1
+    )
+    p, y = probabilities[index], labels[index]  # (resamples, n, k) and (resamples, n)
+    draws: dict[str, np.ndarray] = {}
     if threshold is not None:
-        draws.update(sensitivity=[], specificity=[])
-    for _ in range(resamples):
-        index = np.concatenate([rng.choice(m, size=m.size, replace=True) for m in members])
-        p, y = probabilities[index], labels[index]
-        if threshold is not None:
-            predicted = (p[:, 1] >= threshold).astype(np.int64)
-            draws["sensitivity"].append(float(np.mean(predicted[y == 1] == 1)))
-            draws["specificity"].append(float(np.mean(predicted[y == 0] == 0)))
-        else:
-            predicted = p.argmax(axis=1)
-        draws["accuracy"].append(float(np.mean(predicted == y)))
-        draws["ece"].append(expected_calibration_error(p, y))
-        if k == 2:
-            draws[auc_name].append(float(roc_auc_score(y, p[:, 1])))
-        else:
-            draws[auc_name].append(float(roc_auc_score(y, p, multi_class="ovr", average="macro")))
+        predicted = (p[:, :, 1] >= threshold).astype(np.int64)
+        draws["sensitivity"] = np.mean(predicted[:, y[0] == 1] == 1, axis=1)
+        draws["specificity"] = np.mean(predicted[:, y[0] == 0] == 0, axis=1)
+    else:
+        predicted = p.argmax(axis=2)
+    draws["accuracy"] = np.mean(predicted == y, axis=1)
+    # One-vs-rest AUC by the rank-sum (Mann-Whitney) identity, ties counted one half, as
+    # roc_auc_score has it; every row has the same class counts (resampled within each class).
+    aucs = []
+    for c in range(1, 2) if k == 2 else range(k):
+        positive = y[0] == c
+        count = int(positive.sum())
+        ranks = rankdata(p[:, :, c], axis=1)
+        aucs.append(
+            (ranks[:, positive].sum(axis=1) - count * (count + 1) / 2) / (count * (n - count))
+        )
+    draws["auc" if k == 2 else "auc_macro"] = np.mean(aucs, axis=0)
+    draws["ece"] = np.array([expected_calibration_error(p[r], y[r]) for r in range(resamples)])
+    names = ["accuracy", "auc" if k == 2 else "auc_macro", "ece", "sensitivity", "specificity"]
     tail = (1.0 - level) / 2 * 100
     return {
-        name: [_round(np.percentile(values, tail)), _round(np.percentile(values, 100 - tail))]
-        for name, values in draws.items()
+        name: [
+            _round(np.percentile(draws[name], tail)),
+            _round(np.percentile(draws[name], 100 - tail)),
+        ]
+        for name in names
+        if name in draws
     }
 
 
