@@ -421,6 +421,30 @@ def bootstrap_intervals(
     index = np.concatenate(
         [rng.choice(m, size=(resamples, m.size), replace=True) for m in members], axis=1
     )
+    # Resamples in blocks of about 4 M probabilities (32 MB), so large sets fit in memory.
+    block = max(1, 4_000_000 // (n * k))
+    parts = [
+        _bootstrap_draws(probabilities, labels, index[i : i + block], threshold)
+        for i in range(0, resamples, block)
+    ]
+    draws = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    names = ["accuracy", "auc" if k == 2 else "auc_macro", "ece", "sensitivity", "specificity"]
+    tail = (1.0 - level) / 2 * 100
+    return {
+        name: [
+            _round(np.percentile(draws[name], tail)),
+            _round(np.percentile(draws[name], 100 - tail)),
+        ]
+        for name in names
+        if name in draws
+    }
+
+
+def _bootstrap_draws(
+    probabilities: np.ndarray, labels: np.ndarray, index: np.ndarray, threshold: float | None
+) -> dict[str, np.ndarray]:
+    """The headline numbers of each resample (a row of ``index``), vectorised."""
+    n, k = probabilities.shape
     p, y = probabilities[index], labels[index]  # (resamples, n, k) and (resamples, n)
     draws: dict[str, np.ndarray] = {}
     if threshold is not None:
@@ -441,17 +465,8 @@ def bootstrap_intervals(
             (ranks[:, positive].sum(axis=1) - count * (count + 1) / 2) / (count * (n - count))
         )
     draws["auc" if k == 2 else "auc_macro"] = np.mean(aucs, axis=0)
-    draws["ece"] = np.array([expected_calibration_error(p[r], y[r]) for r in range(resamples)])
-    names = ["accuracy", "auc" if k == 2 else "auc_macro", "ece", "sensitivity", "specificity"]
-    tail = (1.0 - level) / 2 * 100
-    return {
-        name: [
-            _round(np.percentile(draws[name], tail)),
-            _round(np.percentile(draws[name], 100 - tail)),
-        ]
-        for name in names
-        if name in draws
-    }
+    draws["ece"] = np.array([expected_calibration_error(p[r], y[r]) for r in range(len(index))])
+    return draws
 
 
 def roc_curves(

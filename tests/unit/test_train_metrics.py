@@ -506,16 +506,19 @@ def test_bootstrap_intervals_edge_cases() -> None:
         bootstrap_intervals(perfect, truth, level=1.5)
 
 
-@pytest.mark.parametrize(("k", "threshold"), [(2, 0.4), (4, None)])
+@pytest.mark.parametrize(
+    ("n", "k", "threshold", "resamples"),
+    # The last case is large enough to be computed in two blocks of resamples.
+    [(90, 2, 0.4, 200), (90, 4, None, 200), (2100, 2, 0.5, 1000)],
+)
 def test_bootstrap_intervals_agree_with_scikit_learn_per_resample(
-    k: int, threshold: float | None
+    n: int, k: int, threshold: float | None, resamples: int
 ) -> None:
     """The vectorised rank-sum AUC and the per-resample figures equal scikit-learn's on the
     same resamples (drawn here the way bootstrap_intervals draws them)."""
-    probabilities, labels = _random_case(90, k, seed=21)
+    probabilities, labels = _random_case(n, k, seed=21)
     if k == 2:  # ties, which the rank-sum counts one half (multi-class rows must sum to 1)
         probabilities = np.round(probabilities, 2)
-    resamples = 200
     rng = np.random.default_rng(5)
     members = [np.flatnonzero(labels == c) for c in range(k)]
     index = np.concatenate(
