@@ -38,6 +38,7 @@ def compare(args: argparse.Namespace, fit_arguments: list[str]) -> list[dict[str
             # The test split, then every --external set, each at its study level.
             sets = {"test": metrics}
             sets.update({k: v for k, v in metrics.items() if k.startswith("external:")})
+            parameters = sum(p.numel() for p in bundle.model.parameters())
             for name, figures in sets.items():
                 headline = figures.get("fused") or figures.get("AP") or {}
                 rows.append(
@@ -45,7 +46,7 @@ def compare(args: argparse.Namespace, fit_arguments: list[str]) -> list[dict[str
                         "backbone": backbone,
                         "roi": roi,
                         "set": name,
-                        "parameters": sum(p.numel() for p in bundle.model.parameters()),
+                        "parameters": parameters,
                         "seconds": bundle.card.training.get("seconds"),
                         **{k: headline.get(k) for k in _FIGURES},
                     }

@@ -92,6 +92,7 @@ def sample_design(
         else:
             wants_lucency = rng.random() >= lucency_free
             # Without a lucent line: subsidence only, osteolysis only, or both (a third each).
+            # ``kind`` is drawn either way: the hip demo bundle's training set has this order.
             kind = int(rng.integers(0, 3))
             subsides = rng.random() < 0.3 if wants_lucency else kind != 1
             osteolysis = rng.random() < 0.3 if wants_lucency else kind != 0
