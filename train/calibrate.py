@@ -115,8 +115,19 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default="val",
         help="val: the validation split that trained the bundle; all: every study of --data",
     )
-    parser.add_argument("--min-sensitivity", type=float, default=None)
-    parser.add_argument("--min-specificity", type=float, default=None)
+    rule = parser.add_mutually_exclusive_group()  # one constraint; the other is what is best
+    rule.add_argument(
+        "--min-sensitivity",
+        type=float,
+        default=None,
+        help="two classes: the best specificity at this sensitivity",
+    )
+    rule.add_argument(
+        "--min-specificity",
+        type=float,
+        default=None,
+        help="two classes: the best sensitivity at this specificity",
+    )
     parser.add_argument("--dry-run", action="store_true", help="report, do not change the card")
     return parser
 

@@ -37,6 +37,21 @@ def hip_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+def test_calibrate_takes_one_operating_constraint(capsys: pytest.CaptureFixture[str]) -> None:
+    """Both constraints at once used to keep the specificity one and drop the other silently."""
+    from train.calibrate import get_args_parser
+
+    parser = get_args_parser()
+    args = parser.parse_args(["--bundle", "b", "--data", "d", "--min-specificity", "0.8"])
+    assert (args.min_specificity, args.min_sensitivity) == (0.8, None)
+    with pytest.raises(SystemExit) as refused:
+        parser.parse_args(
+            ["--bundle", "b", "--data", "d", "--min-specificity", "0.8", "--min-sensitivity", "0.9"]
+        )
+    assert refused.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_calibrate_changes_the_card_not_the_weights(
     knee_run: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
