@@ -13,22 +13,21 @@ on its validation split.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from dicom_node.errors import DicomNodeError
 from dicom_node.models.bundle import load_bundle, update_card
+from train.cli import run_command
 from train.data import read_dataset
 from train.engine import fit_temperature
-from train.ensemble import by_study, fused_probabilities
-from train.evaluate import predict_views, select_studies
-from train.fit import later_step, operating_point, operating_rule
+from train.fusion import by_study, fused_probabilities
 from train.metrics import expected_calibration_error
+from train.operating import DEFAULT_MIN_SENSITIVITY, operating_point, operating_rule, stored_rule
+from train.predict import predict_views, select_studies
+from train.provenance import later_step
 
 __all__ = ["calibrate", "get_args_parser", "main"]
 
@@ -79,13 +78,11 @@ def calibrate(
         if min_sensitivity is None and min_specificity is None:
             sensitivity, min_specificity = operating_rule(bundle.card.training)
         else:
-            sensitivity = min_sensitivity if min_sensitivity is not None else 0.95
+            sensitivity = (
+                min_sensitivity if min_sensitivity is not None else DEFAULT_MIN_SENSITIVITY
+            )
         threshold = operating_point(scores, study_truth, sensitivity, min_specificity)
-        rule = (
-            {"min_specificity": min_specificity}
-            if min_specificity is not None
-            else {"min_sensitivity": sensitivity}
-        )
+        rule = stored_rule(sensitivity, min_specificity)
         changes["decision_threshold"] = threshold
         changes["threshold"] = 0.0
         result["decision_threshold"] = {
@@ -133,8 +130,9 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        result = calibrate(
+    return run_command(
+        "calibrate",
+        lambda: calibrate(
             args.bundle,
             args.data,
             labels=args.labels,
@@ -143,9 +141,5 @@ def main(args: argparse.Namespace) -> int:
             min_specificity=args.min_specificity,
             write=not args.dry_run,
             command=getattr(args, "command_line", ""),
-        )
-    except (OSError, ValueError, DicomNodeError) as error:
-        sys.stderr.write(f"calibrate: {error}\n")
-        return 2
-    sys.stdout.write(json.dumps(result, indent=2) + "\n")
-    return 0
+        ),
+    )

@@ -1,10 +1,10 @@
 """``python -m train compare``: several backbones (with and without the region-of-interest
 stage) trained on one split, side by side — the hip study's six-CNN comparison, as a command.
 
-Every variant runs ``python -m train fit`` with the same data, split and seed into
-``OUT/<backbone>-roi-<on|off>/``; ``OUT/compare.md`` and ``compare.json`` give the test
-figures (and those of every ``--external`` set), weights and training time of each. Options
-other than those below go to ``fit``.
+Every variant runs the protocol of ``python -m train fit`` (:func:`train.protocol.run`) with
+the same data, split and seed into ``OUT/<backbone>-roi-<on|off>/``; ``OUT/compare.md`` and
+``compare.json`` give the test figures (and those of every ``--external`` set), weights and
+training time of each. Options other than those below go to ``fit``.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dicom_node.errors import DicomNodeError
 from dicom_node.models.backbones import BACKBONES
 from dicom_node.models.bundle import load_bundle
-from train import fit
+from train import protocol
+from train.cli import run_command
 
 __all__ = ["compare", "get_args_parser", "main"]
 
@@ -29,11 +29,11 @@ def compare(args: argparse.Namespace, fit_arguments: list[str]) -> list[dict[str
     for backbone in args.backbones:
         for roi in args.roi:
             out = args.out / f"{backbone}-roi-{roi}"
-            fit_args = fit.get_args_parser().parse_args(
+            fit_args = protocol.get_args_parser().parse_args(
                 [*fit_arguments, "--out", str(out), "--backbone", backbone, "--roi", roi]
             )
             fit_args.command_line = getattr(args, "command_line", "")
-            metrics = fit.run(fit_args)
+            metrics = protocol.run(fit_args)
             bundle = load_bundle(out)
             # The test split, then every --external set, each at its study level.
             sets = {"test": metrics}
@@ -99,16 +99,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
+    def show(rows: list[dict[str, Any]]) -> None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
+        table = _markdown(rows)
+        title = "# Backbone comparison (one split: its test set, then each --external set)\n\n"
+        (args.out / "compare.md").write_text(title + table)
+        sys.stdout.write(table)
+
     fit_arguments = list(getattr(args, "fit_arguments", []))
-    try:
-        rows = compare(args, fit_arguments)
-    except (OSError, ValueError, DicomNodeError) as error:
-        sys.stderr.write(f"compare: {error}\n")
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "compare.json").write_text(json.dumps(rows, indent=2) + "\n")
-    table = _markdown(rows)
-    title = "# Backbone comparison (one split: its test set, then each --external set)\n\n"
-    (args.out / "compare.md").write_text(title + table)
-    sys.stdout.write(table)
-    return 0
+    return run_command("compare", lambda: compare(args, fit_arguments), show)

@@ -4,6 +4,10 @@
 a checkpoint after every epoch for ``--resume``), MONAI augmentation, AMP (bfloat16 autocast)
 and channels_last on CUDA, and DistributedDataParallel when started by ``torchrun``: every rank
 trains on its shard of each epoch's permutation; rank 0 validates, checkpoints and exports.
+:func:`input_format` says how each backbone's inputs are normalised.
+
+It is one file because every part works on the same batches under the same device, AMP and
+DDP settings; split, the loop's invariants would be spread over several modules.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 __all__ = [
+    "NORMALISATION",
     "Augmentation",
     "DistributedContext",
     "FitSettings",
@@ -39,12 +44,21 @@ __all__ = [
     "fit_network",
     "fit_temperature",
     "init_distributed",
+    "input_format",
     "outside_share",
     "predict_logits",
     "train_one_epoch",
 ]
 
 log = logging.getLogger(__name__)
+
+#: backbone → (normalisation, channels); others: ImageNet statistics, 3 channels.
+NORMALISATION = {"orthonode_cnn": ("standardise", 1), "orthonode_cnn16": ("standardise", 1)}
+
+
+def input_format(backbone: str) -> tuple[str, int]:
+    """(normalisation, channels) of ``backbone``'s inputs, as its card records them."""
+    return NORMALISATION.get(backbone, ("imagenet", 3))
 
 
 @dataclass(frozen=True)

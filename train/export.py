@@ -17,6 +17,7 @@ from typing import Any
 
 from dicom_node.errors import BundleError
 from dicom_node.models.bundle import device_uid, load_bundle, update_card
+from train.cli import run_command
 
 __all__ = ["export", "get_args_parser", "main"]
 
@@ -68,13 +69,16 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        result = export(args.bundle, args.out, version=args.version, name=args.name)
-    except (OSError, ValueError, BundleError) as error:
-        sys.stderr.write(f"export: {error}\n")
-        return 2
-    sys.stdout.write(
-        f"exported {result['task']} {result['version']} ({result['bytes']} bytes) to {args.out}\n"
-        f"conf.yaml:\n  tasks:\n    {result['task']}:\n      bundle: {args.out}\n"
+    def show(result: dict[str, Any]) -> None:
+        sys.stdout.write(
+            f"exported {result['task']} {result['version']} ({result['bytes']} bytes) to "
+            f"{args.out}\n"
+            f"conf.yaml:\n  tasks:\n    {result['task']}:\n      bundle: {args.out}\n"
+        )
+
+    return run_command(
+        "export",
+        lambda: export(args.bundle, args.out, version=args.version, name=args.name),
+        show,
+        errors=(OSError, ValueError, BundleError),  # other node errors are bugs here
     )
-    return 0

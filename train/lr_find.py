@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from dicom_node.errors import DicomNodeError
 from dicom_node.models.backbones import build_backbone
+from train.cli import run_command
 from train.data import load_images, read_dataset, split_patients
-from train.engine import Augmentation, augment_batch
-from train.fit import NORMALISATION
+from train.engine import Augmentation, augment_batch, input_format
 
 __all__ = ["get_args_parser", "main", "range_test", "suggest"]
 
@@ -97,7 +95,7 @@ def _plot(rates: np.ndarray, losses: np.ndarray, suggestion: float, path: Path) 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed)
     dataset = read_dataset(args.data, args.labels)
-    normalisation, channels = NORMALISATION.get(args.backbone, ("imagenet", 3))
+    normalisation, channels = input_format(args.backbone)
     patients = [s.patient_id for s in dataset.samples]
     labels = [s.label_index for s in dataset.samples]
     split = split_patients(patients, labels, (0.75, 0.15, 0.10), args.seed)
@@ -167,10 +165,4 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        result = run(args)
-    except (OSError, ValueError, DicomNodeError) as error:
-        sys.stderr.write(f"lr-find: {error}\n")
-        return 2
-    sys.stdout.write(json.dumps(result, indent=2) + "\n")
-    return 0
+    return run_command("lr-find", lambda: run(args))

@@ -1,13 +1,16 @@
 """Classifier evaluation metrics: calibration, operating points and per-class statistics.
 
-Pure numpy + scikit-learn, no torch and no I/O, so the training commands (``train.fit``,
-``train.evaluate``) and the report writer (``train.report``) share one definition of every
+Pure numpy + scikit-learn, no torch and no I/O, so training and evaluation (``train.protocol``,
+``train.predict``) and the report writer (``train.report``) share one definition of every
 number. Inputs are always ``probabilities`` of shape (n, k), one row per sample summing to one,
 and integer ``labels`` of shape (n,) in ``range(k)``. scikit-learn is used wherever it has the
 metric; only specificity, expected calibration error and the reliability curve are written here.
 
 Binary tasks: column 1 is the positive class, and the decision rule everywhere is
 "positive iff P(positive) >= threshold".
+
+It is one file so that every number has one definition: the operating points, calibration and
+per-class statistics share their input checks, decision rule and rounding.
 """
 
 from __future__ import annotations

@@ -154,7 +154,8 @@ def test_tiny_train_bundle_load_predict(tmp_path: Path, roi: str) -> None:
     assert abs(sum(prediction.probabilities) - 1.0) < 1e-6
     assert (prepared[0].region is not None) == (roi == "on")
     # evaluate goes through the node's Predictor; its fused accuracy must match a recount.
-    from train.evaluate import evaluate, to_markdown
+    from train.evaluate import to_markdown
+    from train.predict import evaluate
 
     result = evaluate(out, data, saliency="gradcam")
     assert result["saliency"]["images"] == 60
@@ -171,7 +172,7 @@ def test_tiny_train_bundle_load_predict(tmp_path: Path, roi: str) -> None:
 
 
 def test_saliency_in_mask() -> None:
-    from train.evaluate import saliency_in_mask
+    from train.predict import saliency_in_mask
 
     heat = np.zeros((10, 10))
     heat[2, 2], heat[7, 7] = 3.0, 1.0

@@ -2,6 +2,9 @@
 
 Each patient is generated from its own random stream, seeded by (seed, task, patient index), so a
 set is reproducible byte for byte, whatever the number of worker processes.
+
+It is one file because it is the one path from options to files on disk: the per-patient
+seeding, the rendering jobs, the DICOM headers and the manifest columns must agree.
 """
 
 from __future__ import annotations

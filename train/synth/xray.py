@@ -9,6 +9,9 @@ image is the log signal through a tone curve, as a DX system writes it.
 
 Primitives are evaluated only inside their own pixel bounding box and antialiased from their
 signed distance, which keeps a 1024 × 1024 image at tens of milliseconds.
+
+It is one file because the primitives, the canvas and the exposure share one pixel grid and
+one physics model; split, each module would need the others' conventions.
 """
 
 from __future__ import annotations
