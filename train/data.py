@@ -10,8 +10,9 @@ Two formats (docs/training.md):
   labels). The task and view come from the node's own routing rules (``dicom_node.route``), so
   an image is used for training exactly when the node would analyse it.
 
-Images go through the node's preprocessing (:mod:`dicom_node.preprocess`) — the same function —
-so training and serving cannot drift apart.
+Images go through the node's preprocessing (:class:`dicom_node.preprocess.Preprocessing`, built
+from the same card fields by :func:`~dicom_node.preprocess.build_preprocessing`) — the same MONAI
+composition — so training and serving cannot drift apart.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from PIL import Image
 from dicom_node.config import Config
 from dicom_node.models.codes import classes_for
 from dicom_node.models.localiser import STRIDE
-from dicom_node.preprocess import display_image, resize_pad, to_model_input
+from dicom_node.preprocess import RoiSettings, build_preprocessing, resize_pad
 from dicom_node.route import route
 
 __all__ = [
@@ -317,13 +318,16 @@ def _load_one(
     normalisation: str,
     roi_size: int | None,
 ) -> tuple[torch.Tensor | None, np.ndarray | None, torch.Tensor | None, torch.Tensor | None]:
+    roi = None if roi_size is None else RoiSettings(input_size=roi_size)
+    preprocessing = build_preprocessing(size, channels, normalisation, roi)
     try:
-        display = display_image(pydicom.dcmread(sample.path))
+        display = preprocessing.display(pydicom.dcmread(sample.path))
     except Exception as error:  # any decoder's error, named with the file
         raise ValueError(f"{sample.path}: cannot read the image: {error}") from error
     if roi_size is None:
-        return to_model_input(display, size, channels, normalisation), None, None, None
-    whole = to_model_input(display, roi_size, 1, "standardise")
+        tensor, _ = preprocessing(display)
+        return tensor, None, None, None
+    whole = preprocessing.localiser_input(display)
     target = None
     if sample.mask_path is not None:
         target = mask_target(np.asarray(Image.open(sample.mask_path)), roi_size)
@@ -339,11 +343,12 @@ def load_images(
     roi_size: int | None = None,
     workers: int = 1,
 ) -> Loaded:
-    """Read and preprocess every sample (in ``workers`` processes).
+    """Read and preprocess every sample (in ``workers`` processes) with the
+    :class:`~dicom_node.preprocess.Preprocessing` of these card fields — the node's.
 
     Without ``roi_size``: the classifier inputs of the whole images. With it: the displayed
-    images (to crop once the localiser is trained), the localiser inputs and, where the samples
-    have masks, the localiser targets.
+    images (to crop once the localiser is trained, :func:`train.roi.crop_inputs`), the
+    localiser inputs and, where the samples have masks, the localiser targets.
     """
     arguments = [(s, size, channels, normalisation, roi_size) for s in samples]
     results: Iterable[

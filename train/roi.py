@@ -2,8 +2,9 @@
 
 The localiser (:class:`dicom_node.models.localiser.Localiser`) learns, from the phantom masks
 (or any per-image implant mask a site has), which cells of a 256 px whole image hold the implant.
-Its boxes then crop every view at the source's resolution, exactly as the node will
-(:func:`dicom_node.models.localiser.locate`, :func:`dicom_node.preprocess.crop_square`).
+Its boxes then crop every view at the source's resolution, exactly as the node will: the node's
+composition (:class:`dicom_node.preprocess.Preprocessing`), given the regions that
+:func:`locate_all` found in batches with the node's :func:`dicom_node.models.localiser.locate`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 
 from dicom_node.domain import RegionOfInterest
 from dicom_node.models.localiser import Localiser, locate
-from dicom_node.preprocess import crop_square, to_model_input
+from dicom_node.preprocess import RegionSettings, RoiSettings, build_preprocessing, crop_square
 from train.data import Loaded, Sample, mask_target
 from train.engine import Augmentation, DistributedContext, FitSettings, fit_network
 
@@ -94,14 +95,13 @@ def crop_inputs(
     size: int,
     channels: int,
     normalisation: str,
+    roi: RegionSettings | None = None,
 ) -> torch.Tensor:
-    """The classifier inputs: each region cut from its displayed image, as the node does."""
-    return torch.stack(
-        [
-            to_model_input(crop_square(d, r), size, channels, normalisation)
-            for d, r in zip(displays, regions, strict=True)
-        ]
-    )
+    """The classifier inputs: each region cut from its displayed image by the node's
+    composition (its region-of-interest step given the region; ``roi``, the card's, does not
+    change the crop of a given region)."""
+    preprocessing = build_preprocessing(size, channels, normalisation, roi or RoiSettings())
+    return torch.stack([preprocessing(d, r)[0] for d, r in zip(displays, regions, strict=True)])
 
 
 def input_masks(

@@ -26,7 +26,7 @@ from dicom_node.models.codes import card_classes
 from dicom_node.models.localiser import STRIDE, Localiser, boxes_from_probabilities
 from dicom_node.preprocess import crop_square, heatmap_to_source
 from train.data import mask_target, read_dataset
-from train.evaluate import study_jobs
+from train.predict import study_jobs
 
 
 def test_box_maps_cells_back_to_source_pixels() -> None:
@@ -193,7 +193,7 @@ def test_mean_stacker_sharpens_agreeing_views() -> None:
 
 
 def test_fit_stacker_prefers_a_calibrated_fusion_when_views_agree() -> None:
-    from train.ensemble import fit_stacker
+    from train.fusion import fit_stacker
 
     rng = np.random.default_rng(4)
     labels = rng.integers(0, 3, size=90)
