@@ -2,19 +2,30 @@
 
 The SR is the machine-readable record of the result (what IHE AI Results asks for). Built with
 highdicom; pydicom adds only what highdicom cannot express (the Device UID of the algorithm in
-the Contributing Equipment Sequence).
+the Contributing Equipment Sequence, and the root-level Qualitative Evaluations container that
+highdicom 0.28 does not offer).
 
 Content: a device observer (the model, with a Device UID stable for one model version), the
 procedure reported (an imaging procedure, never the algorithm), an Image Library of the analysed
 images, and one measurement group (TID 1501) per analysed image plus a study-level group for the
-fused AP + lateral result. Each group carries a tracking identifier and UID, the finding
-(implant, prosthesis or screw), its site with laterality, the algorithm (TID 4019), the predicted
-class as a coded qualitative evaluation, Certainty of Finding in percent and each class's
-probability in percent (concept name: the class's own code).
+fused result, whose source images are the images it combines (``prediction.fused_views``: the
+latest image of each view; all images when empty). A study may carry two images of one view
+(a view sent twice): each has its own group, named "image N" by its place in the study. Each
+group carries a tracking identifier and UID, the finding, its site with laterality, the
+algorithm (TID 4019), the predicted class as a coded qualitative evaluation, Certainty of
+Finding in percent and each class's probability in percent (concept name: the class's own
+code). The finding, the site and the evaluation's concept name come from the task's spec
+(:class:`dicom_node.tasks.TaskSpec`); every private ("99...") coding scheme the content uses is
+declared in the Coding Scheme Identification Sequence.
 
 A group's evaluation is "undetermined" (373068000, SCT) when the study-level prediction
 abstains, or when that group's own top probability is below the bundle's threshold. Its
 certainty is still reported, so a reader sees how unsure the model was.
+
+A result made again for the same study and task (version 2, 3...: images arrived after the
+earlier one was made) says that it supersedes the earlier results, as a TEXT Comment (121106,
+DCM) in the root's Qualitative Evaluations container (C0034375, UMLS; TID 1500 row 10). The
+earlier SR and SCs stay where they were sent; this one has new UIDs.
 
 Tracking UIDs are derived from the SR's SOP Instance UID, so an SR rebuilt with the same UIDs
 and time is the same object.
@@ -24,8 +35,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -35,15 +45,21 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
 
 from dicom_node.domain import ClassInfo, Prediction, decide
-from dicom_node.encode.sc import (
+from dicom_node.encode.common import (
     algorithm_equipment,
+    check_task,
+    check_version,
+    fused_indices,
+    fused_view_names,
     laterality_of,
     patient_study_header,
     pin_contribution_time,
     series_description,
+    supersede_statement,
 )
 from dicom_node.errors import EncodeError
 from dicom_node.models.codes import PRIVATE_SCHEME, UNDETERMINED
+from dicom_node.tasks import Code, TaskSpec
 
 __all__ = ["build_structured_report"]
 
@@ -52,31 +68,6 @@ log = logging.getLogger(__name__)
 _CODE_VALUE_MAX = 16  # longer values become LongCodeValue, which viewers ignore
 _CODE_MEANING_MAX = 64
 
-
-@dataclass(frozen=True)
-class _TaskCodes:
-    finding: hd.sr.CodedConcept  # value of Finding (121071, DCM)
-    site: hd.sr.CodedConcept  # value of Finding Site
-    evaluation: hd.sr.CodedConcept  # concept name of the predicted class
-
-
-_TASKS = {
-    "knee": _TaskCodes(
-        finding=hd.sr.CodedConcept("40388003", "SCT", "Implant"),
-        site=hd.sr.CodedConcept("49076000", "SCT", "Knee joint"),
-        evaluation=hd.sr.CodedConcept("IMPLANT-MODEL", PRIVATE_SCHEME, "Implant model"),
-    ),
-    "hip": _TaskCodes(
-        finding=hd.sr.CodedConcept("53350007", "SCT", "Prosthesis"),
-        site=hd.sr.CodedConcept("24136001", "SCT", "Hip joint"),
-        evaluation=hd.sr.CodedConcept("LOOSENING", PRIVATE_SCHEME, "Prosthesis loosening"),
-    ),
-    "spine": _TaskCodes(
-        finding=hd.sr.CodedConcept("68183006", "SCT", "Screw"),
-        site=hd.sr.CodedConcept("122496007", "SCT", "Lumbar spine"),
-        evaluation=hd.sr.CodedConcept("SCREW-BRAND", PRIVATE_SCHEME, "Screw brand"),
-    ),
-}
 _LATERALITY = {
     "R": hd.sr.CodedConcept("24028007", "SCT", "Right"),
     "L": hd.sr.CodedConcept("7771000", "SCT", "Left"),
@@ -87,6 +78,8 @@ _IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
 _UNDETERMINED = hd.sr.CodedConcept(*UNDETERMINED)
 _PERCENT = hd.sr.CodedConcept("%", "UCUM", "Percent")
 _CERTAINTY = hd.sr.CodedConcept.from_code(codes.DCM.CertaintyOfFinding)
+_QUALITATIVE_EVALUATIONS = hd.sr.CodedConcept("C0034375", "UMLS", "Qualitative Evaluations")
+_COMMENT = hd.sr.CodedConcept("121106", "DCM", "Comment")
 
 
 def build_structured_report(
@@ -94,6 +87,8 @@ def build_structured_report(
     sources: Sequence[Dataset],
     secondary_captures: Sequence[Dataset],
     *,
+    spec: TaskSpec,
+    version: int = 1,
     series_number: int = 9001,
     instance_uid: str | None = None,
     series_uid: str | None = None,
@@ -104,12 +99,18 @@ def build_structured_report(
     Parameters
     ----------
     prediction : Prediction
-        Per-view probabilities, the fused result (if any), the classes and the model.
+        Per-view probabilities, the fused result (if any) and the views it combines, the
+        classes and the model.
     sources : Sequence[pydicom.Dataset]
         The analysed source images, in the order of ``prediction.views``. The first one gives
         the patient and study attributes (copied; missing Type 2 attributes become empty).
     secondary_captures : Sequence[pydicom.Dataset]
         The Secondary Captures made for this prediction; listed as evidence with the sources.
+    spec : TaskSpec
+        The spec of the prediction's task: the finding, finding site and evaluation codes.
+    version : int
+        The result's version for this study and task (1, 2, ...); from 2 on, the SR says that
+        it supersedes the earlier results.
     series_number : int
         Series Number of the SR (high, so it sorts after the radiographs).
     instance_uid, series_uid : str, optional
@@ -126,40 +127,47 @@ def build_structured_report(
     Raises
     ------
     EncodeError
-        When the sources do not match the prediction's views, a code is too long, the task
-        is unknown, or highdicom rejects a value.
+        When the spec is of another task, the version is below 1, the sources do not match
+        the prediction's views, the fused views are not indices into them, a code is too
+        long, or highdicom rejects a value.
     """
+    check_task(prediction, spec)
+    check_version(version)
     _check(prediction, sources)
     now = now or dt.datetime.now()
     instance_uid = instance_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     model = prediction.model
     headers = [patient_study_header(source) for source in sources]
+    sides = [
+        laterality_of(source) or view.view.laterality
+        for view, source in zip(prediction.views, sources, strict=True)
+    ]
     try:
         groups = [
             _group(
                 prediction,
+                spec,
                 probabilities=view.probabilities,
                 identifier=f"{prediction.task} {view.view.view} image {index + 1}",
                 tracking_uid=_tracking_uid(instance_uid, index),
-                lateralities=[laterality_of(source) or view.view.laterality],
+                lateralities=[sides[index]],
                 images=[source],
             )
             for index, (view, source) in enumerate(zip(prediction.views, sources, strict=True))
         ]
         if prediction.fused_probabilities is not None:
-            views = "+".join(view.view.view for view in prediction.views)
+            fused = fused_indices(prediction)
+            names = fused_view_names(prediction)
             groups.append(
                 _group(
                     prediction,
+                    spec,
                     probabilities=prediction.fused_probabilities,
-                    identifier=f"{prediction.task} study-level {views} fused",
+                    identifier=f"{prediction.task} study-level {names} fused",
                     tracking_uid=_tracking_uid(instance_uid, len(groups)),
-                    lateralities=[
-                        laterality_of(source) or view.view.laterality
-                        for view, source in zip(prediction.views, sources, strict=True)
-                    ],
-                    images=list(sources),
+                    lateralities=[sides[i] for i in fused],
+                    images=[sources[i] for i in fused],
                 )
             )
         observer = hd.sr.ObserverContext(
@@ -177,6 +185,9 @@ def build_structured_report(
             imaging_measurements=groups,
             referenced_images=[_library_entry(header) for header in headers],
         )
+        statement = supersede_statement(version)
+        if statement is not None:
+            content[0].ContentSequence.append(_qualitative_evaluations(statement))
         # highdicom logs a patient name it finds suspicious: it never sees the name; the
         # name is copied onto the finished SR below.
         first = patient_study_header(headers[0])
@@ -200,7 +211,7 @@ def build_structured_report(
             content_time=now.time(),
             series_date=now.date(),
             series_time=now.time(),
-            coding_schemes=_coding_schemes(prediction.classes),
+            coding_schemes=_coding_schemes(_private_schemes(content)),
         )
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise EncodeError(f"cannot build the structured report: {error}") from error
@@ -214,14 +225,13 @@ def build_structured_report(
             "sop_instance_uid": instance_uid,
             "study_instance_uid": prediction.study_instance_uid,
             "groups": len(groups),
+            "version": version,
         },
     )
     return report
 
 
 def _check(prediction: Prediction, sources: Sequence[Dataset]) -> None:
-    if prediction.task not in _TASKS:
-        raise EncodeError(f"unknown task {prediction.task!r}; tasks are {sorted(_TASKS)}")
     if not sources:
         raise EncodeError("no source image: an SR needs at least one analysed image")
     if len(sources) != len(prediction.views):
@@ -232,6 +242,8 @@ def _check(prediction: Prediction, sources: Sequence[Dataset]) -> None:
                 f"source {index} is {source.SOPInstanceUID}, "
                 f"view {index} predicts {view.view.instance.sop_instance_uid}"
             )
+    if prediction.fused_probabilities is not None:
+        fused_indices(prediction)  # EncodeError when they are not indices into the views
     counts = {len(view.probabilities) for view in prediction.views}
     if prediction.fused_probabilities is not None:
         counts.add(len(prediction.fused_probabilities))
@@ -253,6 +265,7 @@ def _check(prediction: Prediction, sources: Sequence[Dataset]) -> None:
 
 def _group(
     prediction: Prediction,
+    spec: TaskSpec,
     *,
     probabilities: Sequence[float],
     identifier: str,
@@ -261,7 +274,6 @@ def _group(
     images: Sequence[Dataset],
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """One TID 1501 group: finding, site, algorithm, predicted class, certainty, probabilities."""
-    task = _TASKS[prediction.task]
     best = decide(tuple(probabilities), prediction.decision_threshold)
     certainty = float(probabilities[best])
     unsure = prediction.decision_threshold is None and certainty < prediction.threshold
@@ -269,7 +281,7 @@ def _group(
         value = _UNDETERMINED
     else:
         value = _coded(prediction.classes[best])
-    # The study-level group has a side only when every image shows the same one.
+    # The study-level group has a side only when every image it combines shows the same one.
     sides = set(lateralities)
     side = _LATERALITY.get(sides.pop() or "") if len(sides) == 1 else None
     measurements = [_percent(_CERTAINTY, certainty)]
@@ -279,21 +291,45 @@ def _group(
     ]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier),
-        finding_type=task.finding,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=task.site, laterality=side)],
+        finding_type=_concept(spec.finding),
+        finding_sites=[hd.sr.FindingSite(anatomic_location=_concept(spec.site), laterality=side)],
         algorithm_id=hd.sr.AlgorithmIdentification(
             name=prediction.model.name, version=prediction.model.version
         ),
         measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=task.evaluation, value=value)],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=_concept(spec.evaluation), value=value)
+        ],
         source_images=[
             hd.sr.SourceImageForMeasurementGroup.from_source_image(image) for image in images
         ],
     )
 
 
+def _qualitative_evaluations(text: str) -> hd.sr.ContainerContentItem:
+    """TID 1500 row 10: the root's Qualitative Evaluations container, holding one TEXT."""
+    container = hd.sr.ContainerContentItem(
+        name=_QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=_COMMENT,
+                value=text,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        ]
+    )
+    return container
+
+
 def _percent(name: hd.sr.CodedConcept, probability: float) -> hd.sr.Measurement:
     return hd.sr.Measurement(name=name, value=round(100.0 * float(probability), 2), unit=_PERCENT)
+
+
+def _concept(code: Code) -> hd.sr.CodedConcept:
+    return hd.sr.CodedConcept(code.value, code.scheme, code.meaning)
 
 
 def _coded(info: ClassInfo) -> hd.sr.CodedConcept:
@@ -329,16 +365,34 @@ def _library_entry(header: Dataset) -> Dataset:
     return entry
 
 
-def _coding_schemes(classes: Sequence[ClassInfo]) -> list[CodingSchemeIdentificationItem]:
-    """The private schemes used: ours (always, for concept names) and any other "99" one."""
-    private = {PRIVATE_SCHEME} | {
-        info.coding_scheme for info in classes if info.coding_scheme.startswith("99")
+def _private_schemes(content: Sequence[Dataset]) -> set[str]:
+    """Every private ("99...") coding scheme the content tree uses: in the spec's codes, the
+    classes, or anywhere else a code is written."""
+    return {
+        str(item.CodingSchemeDesignator)
+        for item in _walk(content)
+        if str(item.get("CodingSchemeDesignator", "")).startswith("99")
     }
+
+
+def _walk(items: Sequence[Dataset]) -> Iterator[Dataset]:
+    for item in items:
+        yield item
+        for element in item:
+            if element.VR == "SQ":
+                yield from _walk(element.value)
+
+
+def _coding_schemes(private: set[str]) -> list[CodingSchemeIdentificationItem]:
+    """Declarations of the private schemes used: ours with its name and organisation, a
+    site's by its designator (the node does not know who is responsible for it)."""
     return [
         CodingSchemeIdentificationItem(
             designator=designator,
-            name="orthonode private codes" if designator == PRIVATE_SCHEME else designator,
+            name="orthonode private codes",
             responsible_organization="orthonode project",
         )
+        if designator == PRIVATE_SCHEME
+        else CodingSchemeIdentificationItem(designator=designator, name=designator)
         for designator in sorted(private)
     ]

@@ -3,7 +3,10 @@
 dciodvfy (SR and each SC), dcentvfy (sources + SR + SCs: one patient, one study), dsrdump (SR
 relationship rules) and pixelmed's DicomSRValidator (the validator IHE uses for AI Results).
 Each prints no line starting with "Error". Cases: knee (AP + LAT + fused), hip (one view,
-positive and abstained), spine (AP + LAT + fused), and a sparse source.
+positive and abstained), spine (AP + LAT + fused), a sparse source, a site's own task
+(``knee-oa``: Kellgren–Lawrence grades in the private scheme 99MYSITE) on AP + LAT + LAT (the
+lateral sent twice; the fused group combines AP and the second LAT), and version 2 results
+(knee, knee-oa) that say they supersede the earlier ones.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ from tests.conftest import make_set, require_tool
 from tests.unit.test_encode import (
     Case,
     build_case,
+    knee_oa_spec,
     make_prediction,
     read_sources,
+    relateral_case,
     sparse,
     standard_case,
 )
@@ -35,7 +40,8 @@ JAVA_XML_LIMITS = [
     "-Djdk.xml.xpathExprGrpLimit=0",
     "-Djdk.xml.xpathTotalOpLimit=0",
 ]
-CASES = ("knee", "hip", "hip-abstained", "spine", "sparse")
+CASES = ("knee", "hip", "hip-abstained", "spine", "sparse", "knee-oa", "knee-v2", "knee-oa-v2")
+LATER_VERSIONS = ("knee-v2", "knee-oa-v2")
 
 
 def _errors(output: str) -> list[str]:
@@ -70,8 +76,12 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, lis
         "hip-abstained": standard_case(sets["hip"], "hip", abstain=True),
         "spine": standard_case(sets["spine"], "spine"),
         "sparse": _sparse_case(sets["knee"]),
+        "knee-oa": relateral_case(sets["knee"], knee_oa_spec()),
+        "knee-v2": standard_case(sets["knee"], "knee", version=2),
+        "knee-oa-v2": relateral_case(sets["knee"], knee_oa_spec(), version=2),
     }
     assert cases["hip-abstained"].prediction.abstained
+    assert cases["knee-oa"].prediction.fused_views == (0, 2)
     out: dict[str, dict[str, list[Path]]] = {}
     for name, case in cases.items():
         folder = root / "out" / name
@@ -120,6 +130,14 @@ def test_dsrdump_accepts_the_sr(written: dict[str, dict[str, list[Path]]], case:
     result = _run([dsrdump, "-q", str(written[case]["sr"][0])])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Imaging Measurement Report" in result.stdout
+    # What the validators checked holds what this case is about (codes and text in full).
+    full = _run([dsrdump, "-q", "+Pl", "+Pc", str(written[case]["sr"][0])]).stdout
+    later = case in LATER_VERSIONS
+    assert ('(C0034375,UMLS,"Qualitative Evaluations")' in full) is later
+    assert ("Version 2 of this result: supersedes earlier orthonode results" in full) is later
+    if case.startswith("knee-oa"):
+        assert '(KL-GRADE,99MYSITE,"Kellgren-Lawrence grade")' in full
+        assert full.count('(125007,DCM,"Measurement Group")') == 4
 
 
 def _pixelmed() -> tuple[str, Path]:
@@ -148,6 +166,8 @@ def test_pixelmed_sr_validator_reports_no_error(
     output = result.stdout + result.stderr
     assert "Found Root Template TID_1500" in output, output  # it really validated
     assert _errors(output) == [], output
+    # The supersede statement's container is one TID 1500 expects: not even a warning on it.
+    assert [line for line in output.splitlines() if "Qualitative Evaluations" in line] == []
 
 
 def test_dciodvfy_catches_an_rgb_sc_with_a_missing_attribute(

@@ -32,10 +32,11 @@ from dicom_node.domain import (
     ViewPrediction,
 )
 from dicom_node.encode import build_secondary_capture, build_structured_report
-from dicom_node.encode.sc import BANNER, DEMO_BANNER, burned_in_text
+from dicom_node.encode.overlay import BANNER, DEMO_BANNER, burned_in_text
 from dicom_node.errors import EncodeError
 from dicom_node.models.codes import PRIVATE_SCHEME, classes_for
 from dicom_node.preprocess import display_image
+from dicom_node.tasks import TaskSpec, builtin_task, parse_spec
 from tests.conftest import make_set
 
 NOW = dt.datetime(2025, 3, 4, 5, 6, 7)
@@ -120,8 +121,16 @@ def blob(rows: int, columns: int, centre: tuple[float, float], sigma: float) -> 
 
 
 def build_case(
-    sources: list[Dataset], paths: list[Path], prediction: Prediction, *, method: str = "Grad-CAM"
+    sources: list[Dataset],
+    paths: list[Path],
+    prediction: Prediction,
+    *,
+    method: str = "Grad-CAM",
+    spec: TaskSpec | None = None,
+    version: int = 1,
 ) -> Case:
+    """SCs of every view and the SR, for ``spec`` (default: the built-in spec of the task)."""
+    spec = spec or builtin_task(prediction.task)
     displays, heatmaps, captures = [], [], []
     series_uid = pydicom.uid.generate_uid()
     for number, (ds, view) in enumerate(zip(sources, prediction.views, strict=True), start=1):
@@ -134,6 +143,8 @@ def build_case(
                 display,
                 explanation,
                 prediction,
+                spec=spec,
+                version=version,
                 instance_number=number,
                 series_uid=series_uid,
                 now=NOW,
@@ -141,11 +152,15 @@ def build_case(
         )
         displays.append(display)
         heatmaps.append(heat)
-    report = build_structured_report(prediction, sources, captures, now=NOW)
+    report = build_structured_report(
+        prediction, sources, captures, spec=spec, version=version, now=NOW
+    )
     return Case(sources, paths, prediction, displays, heatmaps, captures, report)
 
 
-def standard_case(folder: Path, task: str, *, abstain: bool = False, fuse: bool = True) -> Case:
+def standard_case(
+    folder: Path, task: str, *, abstain: bool = False, fuse: bool = True, version: int = 1
+) -> Case:
     """Knee/spine: AP + LAT (+ fused); hip: one AP view, positive (loose) or abstained."""
     sources, paths, rows = read_sources(folder)
     views = [row["view"] for row in rows]
@@ -158,7 +173,66 @@ def standard_case(folder: Path, task: str, *, abstain: bool = False, fuse: bool 
     if fuse and len(sources) > 1:
         fused = peaked(n, 1, 0.4) if abstain else peaked(n, 1, 0.9)
     prediction = make_prediction(task, sources, paths, views, probabilities, fused, threshold=0.6)
-    return build_case(sources, paths, prediction)
+    return build_case(sources, paths, prediction, version=version)
+
+
+def knee_oa_spec() -> TaskSpec:
+    """A site's fourth task: Kellgren–Lawrence grades 0–4 in its own private scheme 99MYSITE."""
+    return parse_spec(
+        "knee-oa",
+        {
+            "label": "Knee osteoarthritis grade",
+            "finding": {"value": "396275006", "scheme": "SCT", "meaning": "Osteoarthritis"},
+            "site": {"value": "TF-JOINT", "scheme": "99MYSITE", "meaning": "Tibiofemoral joint"},
+            "evaluation": {
+                "value": "KL-GRADE",
+                "scheme": "99MYSITE",
+                "meaning": "Kellgren-Lawrence grade",
+            },
+            "routing": {"body_part": ["KNEE"]},
+            "classes": [
+                {
+                    "name": f"KL {grade}",
+                    "code_value": f"KL-{grade}",
+                    "coding_scheme": "99MYSITE",
+                    "code_meaning": f"Kellgren-Lawrence grade {grade}",
+                }
+                for grade in range(5)
+            ],
+        },
+    )
+
+
+def second_lateral(source: Dataset) -> Dataset:
+    """The lateral view sent again: a new image in a new series, otherwise the same."""
+    again = copy.deepcopy(source)
+    again.SOPInstanceUID = pydicom.uid.generate_uid()
+    again.SeriesInstanceUID = pydicom.uid.generate_uid()
+    again.SeriesNumber = int(source.get("SeriesNumber") or 1) + 1
+    return again
+
+
+def relateral_case(folder: Path, spec: TaskSpec, *, version: int = 1) -> Case:
+    """AP, LAT, LAT (the lateral sent twice) of a knee set for ``spec``; the fused result
+    combines the AP and the second LAT (``fused_views`` = (0, 2))."""
+    sources, paths, rows = read_sources(folder)
+    assert [row["view"] for row in rows] == ["AP", "LAT"]
+    sources = [*sources, second_lateral(sources[1])]
+    paths = [*paths, paths[1]]
+    classes = spec.class_infos()
+    n = len(classes)
+    prediction = make_prediction(
+        spec.name,
+        sources,
+        paths,
+        ["AP", "LAT", "LAT"],
+        [peaked(n, 2, 0.7), peaked(n, 2, 0.8), peaked(n, 3, 0.75)],
+        peaked(n, 2, 0.85),
+        threshold=0.6,
+        classes=classes,
+    )
+    prediction = replace(prediction, fused_views=(0, 2))
+    return build_case(sources, paths, prediction, spec=spec, version=version)
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -202,6 +276,7 @@ def phantoms(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 TASKS = ("knee", "hip", "spine")
+KNEE, HIP = builtin_task("knee"), builtin_task("hip")
 FINDINGS = {"knee": "40388003", "hip": "53350007", "spine": "68183006"}
 SITES = {"knee": "49076000", "hip": "24136001", "spine": "122496007"}
 
@@ -324,7 +399,7 @@ def test_confident_study_with_an_unsure_view(phantoms: dict[str, Path]) -> None:
         peaked(n, 2, 0.8),
         threshold=0.6,
     )
-    report = build_structured_report(prediction, sources, [], now=NOW)
+    report = build_structured_report(prediction, sources, [], spec=KNEE, now=NOW)
     values = [evaluation(group).value for group in measurement_groups(report)]
     code = prediction.classes[2].code_value
     assert values == [code, UNDETERMINED, code]
@@ -443,7 +518,7 @@ def test_sr_rejects_a_long_code_value(phantoms: dict[str, Path]) -> None:
     )
     prediction = make_prediction("hip", sources, paths, ["AP"], [(0.2, 0.8)], None, classes=classes)
     with pytest.raises(EncodeError, match="THIS-CODE-IS-17CH"):
-        build_structured_report(prediction, sources, [], now=NOW)
+        build_structured_report(prediction, sources, [], spec=builtin_task("hip"), now=NOW)
 
 
 def test_sr_rejects_sources_that_do_not_match_the_views(phantoms: dict[str, Path]) -> None:
@@ -458,9 +533,9 @@ def test_sr_rejects_sources_that_do_not_match_the_views(phantoms: dict[str, Path
         None,
     )
     with pytest.raises(EncodeError, match="source 0"):
-        build_structured_report(prediction, list(reversed(sources)), [], now=NOW)
+        build_structured_report(prediction, list(reversed(sources)), [], spec=KNEE, now=NOW)
     with pytest.raises(EncodeError, match="1 source"):
-        build_structured_report(prediction, sources[:1], [], now=NOW)
+        build_structured_report(prediction, sources[:1], [], spec=KNEE, now=NOW)
 
 
 def test_outputs_are_deterministic_for_the_same_uids_and_time(phantoms: dict[str, Path]) -> None:
@@ -475,12 +550,19 @@ def test_outputs_are_deterministic_for_the_same_uids_and_time(phantoms: dict[str
             display_image(sources[0]),
             explanation,
             prediction,
+            spec=HIP,
             instance_uid="2.25.1",
             series_uid="2.25.2",
             now=NOW,
         )
         sr = build_structured_report(
-            prediction, sources, [sc], instance_uid="2.25.3", series_uid="2.25.4", now=NOW
+            prediction,
+            sources,
+            [sc],
+            spec=HIP,
+            instance_uid="2.25.3",
+            series_uid="2.25.4",
+            now=NOW,
         )
         return to_bytes(sc), to_bytes(sr)
 
@@ -533,6 +615,186 @@ def test_sr_and_sc_do_not_log_patient_identifiers(
     for record in caplog.records:
         message = record.getMessage()
         assert "NOCARETNAME" not in message and ds.PatientID not in message
+
+
+def declared_schemes(sr: Dataset) -> set[str]:
+    return {str(item.CodingSchemeDesignator) for item in sr.CodingSchemeIdentificationSequence}
+
+
+def undeclared_private_schemes(sr: Dataset) -> set[str]:
+    """The "99..." schemes a code of the SR uses that its declarations do not name."""
+    return {
+        str(item.CodingSchemeDesignator)
+        for item in walk(sr)
+        if str(item.get("CodingSchemeDesignator", "")).startswith("99")
+    } - declared_schemes(sr)  # walk() also visits the declarations themselves
+
+
+def supersede_texts(sr: Dataset) -> list[str]:
+    """TEXT values of the root's Qualitative Evaluations container (C0034375, UMLS)."""
+    return [
+        str(text.TextValue)
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+        and item.ConceptNameCodeSequence[0].CodingSchemeDesignator == "UMLS"
+        and item.ValueType == "CONTAINER"
+        for text in item.ContentSequence
+        if text.ValueType == "TEXT" and text.ConceptNameCodeSequence[0].CodeValue == "121106"
+    ]
+
+
+def test_sr_codes_come_from_a_custom_spec(phantoms: dict[str, Path], strict_reading: None) -> None:
+    spec = knee_oa_spec()
+    case = relateral_case(phantoms["knee"], spec)
+    sr = roundtrip(case.report)
+    groups = measurement_groups(case.report)
+    assert len(groups) == 4
+    for group in groups:
+        assert group.finding_type is not None
+        assert (group.finding_type.value, group.finding_type.scheme_designator) == (
+            "396275006",
+            "SCT",
+        )
+        (site,) = group.finding_sites
+        assert (site.value.value, site.value.scheme_designator) == ("TF-JOINT", "99MYSITE")
+        (item,) = group.get_qualitative_evaluations()
+        assert (item[0].name.value, item[0].name.scheme_designator) == ("KL-GRADE", "99MYSITE")
+        assert item[0].value.scheme_designator == "99MYSITE"
+        assert item[0].value.value.startswith("KL-")
+    # Per image KL 2, KL 2, KL 3 (the second lateral), fused KL 2.
+    assert [evaluation(group).value for group in groups] == ["KL-2", "KL-2", "KL-3", "KL-2"]
+    # The site's scheme is declared; ours is not used anywhere, so it is not declared.
+    assert declared_schemes(sr) == {"99MYSITE"}
+    assert undeclared_private_schemes(sr) == set()
+    assert "knee-oa" in sr.SeriesDescription
+    text = burned_in_text(
+        case.prediction, Explanation(case.prediction.views[0].view, case.heatmaps[0]), spec.label
+    )
+    assert text.details[0].startswith("Knee osteoarthritis grade: KL 2 85%")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_private_scheme_used_is_declared(phantoms: dict[str, Path], task: str) -> None:
+    case = standard_case(phantoms[task], task, version=2)
+    assert declared_schemes(case.report) == {PRIVATE_SCHEME}
+    assert undeclared_private_schemes(case.report) == set()
+    (ours,) = case.report.CodingSchemeIdentificationSequence
+    assert ours.CodingSchemeName == "orthonode private codes"
+
+
+def test_a_view_sent_twice_has_its_own_group_and_the_fused_one_uses_the_latest(
+    phantoms: dict[str, Path],
+) -> None:
+    case = relateral_case(phantoms["knee"], KNEE)
+    ap, lat1, lat2 = case.sources
+    # The first lateral is of the other side: the fused group (AP + second LAT) still has one.
+    lat1.ImageLaterality = "L"
+    report = build_structured_report(case.prediction, case.sources, [], spec=KNEE, now=NOW)
+    groups = measurement_groups(report)
+    assert len(groups) == 4
+    per_image, fused = groups[:3], groups[3]
+    for group, source in zip(per_image, case.sources, strict=True):
+        (image,) = group.source_images
+        assert image.referenced_sop_instance_uid == source.SOPInstanceUID
+    assert [g.tracking_identifier for g in per_image] == [
+        "knee AP image 1",
+        "knee LAT image 2",
+        "knee LAT image 3",
+    ]
+    assert fused.tracking_identifier == "knee study-level AP+LAT fused"
+    referenced = [image.referenced_sop_instance_uid for image in fused.source_images]
+    assert referenced == [ap.SOPInstanceUID, lat2.SOPInstanceUID]
+    sides = []
+    for group in groups:
+        (site,) = group.finding_sites
+        sides.append(site.laterality.value if site.laterality is not None else None)
+    assert sides == ["24028007", "7771000", "24028007", "24028007"]
+    assert len({group.tracking_uid for group in groups}) == 4
+    # Every analysed image is still in the Image Library.
+    library = [
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for entry in report.ContentSequence
+        if entry.ConceptNameCodeSequence[0].CodeValue == "111028"
+        for item in walk(entry)
+        if "ReferencedSOPSequence" in item
+    ]
+    assert sorted(library) == sorted(ds.SOPInstanceUID for ds in case.sources)
+    # Each image has its SC; each names the fused views once.
+    assert len(case.secondary_captures) == 3
+    text = burned_in_text(
+        case.prediction, Explanation(case.prediction.views[2].view, case.heatmaps[2]), KNEE.label
+    )
+    assert text.details[0].endswith("(fused AP+LAT)")
+    assert "LAT view" in text.details[1]
+
+
+def test_fused_group_without_fused_views_combines_every_image(phantoms: dict[str, Path]) -> None:
+    case = relateral_case(phantoms["knee"], KNEE)
+    prediction = replace(case.prediction, fused_views=())
+    report = build_structured_report(prediction, case.sources, [], spec=KNEE, now=NOW)
+    fused = measurement_groups(report)[-1]
+    assert fused.tracking_identifier == "knee study-level AP+LAT+LAT fused"
+    referenced = [image.referenced_sop_instance_uid for image in fused.source_images]
+    assert referenced == [ds.SOPInstanceUID for ds in case.sources]
+
+
+@pytest.mark.parametrize("fused_views", [(0, 3), (2, 2), (-1, 0)])
+def test_fused_views_must_index_the_views(
+    phantoms: dict[str, Path], fused_views: tuple[int, ...]
+) -> None:
+    case = relateral_case(phantoms["knee"], KNEE)
+    prediction = replace(case.prediction, fused_views=fused_views)
+    with pytest.raises(EncodeError, match="fused views"):
+        build_structured_report(prediction, case.sources, [], spec=KNEE, now=NOW)
+
+
+def test_version_2_says_it_supersedes_the_earlier_results(
+    phantoms: dict[str, Path], strict_reading: None
+) -> None:
+    first = standard_case(phantoms["knee"], "knee")
+    second = standard_case(phantoms["knee"], "knee", version=2)
+    assert supersede_texts(first.report) == []
+    assert not any(
+        "supersede" in str(item.get("TextValue", "")).lower() for item in walk(first.report)
+    )
+    (statement,) = supersede_texts(roundtrip(second.report))
+    assert statement.startswith("Version 2 of this result: supersedes earlier orthonode results")
+    assert "for this study and task" in statement
+    # After the groups (TID 1500 row 10 follows the Imaging Measurements container).
+    names = [item.ConceptNameCodeSequence[0].CodeValue for item in second.report.ContentSequence]
+    assert names.index("C0034375") == len(names) - 1 and "126010" in names
+    # highdicom still reads the groups back, the same as version 1's.
+    assert [evaluation(g).value for g in measurement_groups(second.report)] == [
+        evaluation(g).value for g in measurement_groups(first.report)
+    ]
+    third = standard_case(phantoms["hip"], "hip", version=3)
+    assert supersede_texts(third.report)[0].startswith("Version 3 of this result")
+
+
+def test_version_below_1_is_rejected(phantoms: dict[str, Path]) -> None:
+    sources, paths, _ = read_sources(phantoms["hip"])
+    prediction = make_prediction("hip", sources, paths, ["AP"], [(0.2, 0.8)], None)
+    with pytest.raises(EncodeError, match="version"):
+        build_structured_report(prediction, sources, [], spec=HIP, version=0, now=NOW)
+    display = display_image(sources[0])
+    explanation = Explanation(prediction.views[0].view, np.zeros_like(display))
+    with pytest.raises(EncodeError, match="version"):
+        build_secondary_capture(sources[0], display, explanation, prediction, spec=HIP, version=0)
+
+
+def test_a_spec_of_another_task_is_rejected(phantoms: dict[str, Path]) -> None:
+    sources, paths, _ = read_sources(phantoms["hip"])
+    prediction = make_prediction("hip", sources, paths, ["AP"], [(0.2, 0.8)], None)
+    display = display_image(sources[0])
+    explanation = Explanation(prediction.views[0].view, np.zeros_like(display))
+    with pytest.raises(EncodeError, match=r"'knee'.*'hip'"):
+        build_structured_report(prediction, sources, [], spec=KNEE, now=NOW)
+    with pytest.raises(EncodeError, match=r"'knee'.*'hip'"):
+        build_secondary_capture(sources[0], display, explanation, prediction, spec=KNEE)
+    # Same codes, other name: still another task.
+    renamed = HIP.model_copy(update={"name": "hip-2"})
+    with pytest.raises(EncodeError, match="hip-2"):
+        build_structured_report(prediction, sources, [], spec=renamed, now=NOW)
 
 
 # -- Secondary Capture -------------------------------------------------------------------------
@@ -637,7 +899,8 @@ def test_burned_in_text_names_everything_but_the_patient(phantoms: dict[str, Pat
         case = standard_case(phantoms[task], task)
         prediction = case.prediction
         for source, view in zip(case.sources, prediction.views, strict=True):
-            text = burned_in_text(prediction, Explanation(view.view, case.heatmaps[0]))
+            label = builtin_task(task).label
+            text = burned_in_text(prediction, Explanation(view.view, case.heatmaps[0]), label)
             lines = [*text.banner, *text.details]
             joined = "\n".join(lines)
             assert text.banner[0] == BANNER == "AI-GENERATED — NOT FOR DIAGNOSTIC USE"
@@ -662,7 +925,7 @@ def test_burned_in_text_undetermined_and_not_demo(phantoms: dict[str, Path]) -> 
     case = standard_case(phantoms["hip"], "hip", abstain=True)
     prediction = replace(case.prediction, model=replace(case.prediction.model, demo=False))
     explanation = Explanation(prediction.views[0].view, case.heatmaps[0], "Integrated gradients")
-    text = burned_in_text(prediction, explanation)
+    text = burned_in_text(prediction, explanation, HIP.label)
     joined = "\n".join([*text.banner, *text.details])
     assert "undetermined" in text.details[0]
     assert "Integrated gradients" in joined
@@ -678,7 +941,7 @@ def test_sc_downscales_very_large_sources(phantoms: dict[str, Path]) -> None:
     display = np.linspace(0, 1, 4100 * 1000, dtype=np.float32).reshape(4100, 1000)
     heat = blob(4100, 1000, (2050, 500), 200)
     sc = build_secondary_capture(
-        big, display, Explanation(prediction.views[0].view, heat), prediction, now=NOW
+        big, display, Explanation(prediction.views[0].view, heat), prediction, spec=HIP, now=NOW
     )
     assert (sc.Rows, sc.Columns) == (1367, 334)  # factor 3, rounded up
     assert "downscaled by 3" in sc.DerivationDescription
@@ -691,14 +954,14 @@ def test_sc_rejects_a_heatmap_off_the_grid_or_of_another_image(phantoms: dict[st
     display = display_image(sources[0])
     wrong = Explanation(prediction.views[0].view, np.zeros((10, 10), dtype=np.float32))
     with pytest.raises(EncodeError, match="heatmap"):
-        build_secondary_capture(sources[0], display, wrong, prediction)
+        build_secondary_capture(sources[0], display, wrong, prediction, spec=HIP)
     right = Explanation(prediction.views[0].view, np.zeros_like(display))
     with pytest.raises(EncodeError, match="display"):
-        build_secondary_capture(sources[0], display[:-1], right, prediction)
+        build_secondary_capture(sources[0], display[:-1], right, prediction, spec=HIP)
     other = copy.deepcopy(sources[0])
     other.SOPInstanceUID = pydicom.uid.generate_uid()
     with pytest.raises(EncodeError, match="explanation is of"):
-        build_secondary_capture(other, display, right, prediction)
+        build_secondary_capture(other, display, right, prediction, spec=HIP)
 
 
 def test_sc_outlines_the_analysed_region_and_names_the_operating_point(
@@ -714,7 +977,7 @@ def test_sc_outlines_the_analysed_region_and_names_the_operating_point(
     region = RegionOfInterest(top=rows // 4, left=-10, side=rows // 2)  # past the left edge
     heat = np.zeros_like(display)
     explanation = Explanation(prediction.views[0].view, heat, region=region)
-    sc = build_secondary_capture(sources[0], display, explanation, prediction, now=NOW)
+    sc = build_secondary_capture(sources[0], display, explanation, prediction, spec=HIP, now=NOW)
     rgb = sc.pixel_array.astype(int)
     grey = np.rint(display * 255).astype(int)
     top_edge = rgb[rows // 4, : rows // 2 - 10]
@@ -724,7 +987,41 @@ def test_sc_outlines_the_analysed_region_and_names_the_operating_point(
     # The left edge lies outside the image: nothing drawn at column 0 away from the top edge.
     assert (rgb[rows // 2, 0] == grey[rows // 2, 0]).all()
     assert "outlined" in sc.DerivationDescription
-    text = burned_in_text(prediction, explanation)
+    text = burned_in_text(prediction, explanation, HIP.label)
     # P(loose) 30 % reaches the 25 % operating point: "loose", with both numbers shown.
     assert text.details[0].endswith(": loose (P(loose) 30%, operating point 25%)")
     assert "dashed box" in text.details[1]
+
+
+def test_sc_of_a_later_version_says_it_supersedes(phantoms: dict[str, Path]) -> None:
+    first = standard_case(phantoms["hip"], "hip")
+    second = standard_case(phantoms["hip"], "hip", version=2)
+    prediction = first.prediction
+    explanation = Explanation(prediction.views[0].view, first.heatmaps[0])
+    one = burned_in_text(prediction, explanation, HIP.label)
+    two = burned_in_text(prediction, explanation, HIP.label, version=2)
+    assert two.details[: len(one.details)] == one.details
+    assert two.details[len(one.details) :] == ("Result version 2 — supersedes earlier results",)
+    assert not any("supersede" in line for line in [*one.banner, *one.details])
+    # The extra line is drawn: only the bottom panel differs, and it grew upwards.
+    a = first.secondary_captures[0].pixel_array.astype(int)
+    b = second.secondary_captures[0].pixel_array.astype(int)
+    changed = np.flatnonzero(np.abs(a - b).sum(axis=(1, 2)))
+    assert changed.size and changed.min() > a.shape[0] // 2
+    assert first.secondary_captures[0].SeriesDescription == (
+        second.secondary_captures[0].SeriesDescription
+    )
+
+
+def test_sc_burns_in_the_label_of_the_spec(phantoms: dict[str, Path]) -> None:
+    sources, paths, _ = read_sources(phantoms["hip"])
+    prediction = make_prediction("hip", sources, paths, ["AP"], [(0.2, 0.8)], None)
+    relabelled = HIP.model_copy(update={"label": "Cup and stem fixation"})
+    explanation = Explanation(prediction.views[0].view, np.zeros((4, 4), dtype=np.float32))
+    text = burned_in_text(prediction, explanation, relabelled.label)
+    assert text.details[0] == "Cup and stem fixation: loose 80%"
+    display = display_image(sources[0])
+    explanation = Explanation(prediction.views[0].view, np.zeros_like(display))
+    default = build_secondary_capture(sources[0], display, explanation, prediction, spec=HIP)
+    other = build_secondary_capture(sources[0], display, explanation, prediction, spec=relabelled)
+    assert not np.array_equal(default.pixel_array, other.pixel_array)

@@ -1,0 +1,162 @@
+"""What the SR and the Secondary Capture encoders share: header, equipment, checks and wording.
+
+Both outputs copy the source's patient and study attributes (:func:`patient_study_header`, on a
+copy whose missing Type 2 attributes are present and empty), name the algorithm in the
+Contributing Equipment Sequence with its Device UID (:func:`algorithm_equipment`), date
+highdicom's own equipment item at the object's creation time (:func:`pin_contribution_time`),
+take the side from the source (:func:`laterality_of`) and describe their series the same way
+(:func:`series_description`). They check the task spec against the prediction
+(:func:`check_task`), name the views of the fused result (:func:`fused_indices`,
+:func:`fused_view_names`) and say when a result supersedes earlier ones
+(:func:`supersede_statement`).
+
+No drawing and no IOD here: :mod:`dicom_node.encode.overlay` draws, :mod:`.sc` and :mod:`.sr`
+build the objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.valuerep import DT
+
+from dicom_node.domain import ModelInfo, Prediction
+from dicom_node.errors import EncodeError
+from dicom_node.tasks import TaskSpec
+
+__all__ = [
+    "algorithm_equipment",
+    "check_task",
+    "check_version",
+    "fused_indices",
+    "fused_view_names",
+    "laterality_of",
+    "patient_study_header",
+    "pin_contribution_time",
+    "series_description",
+    "supersede_statement",
+]
+
+# Type 2 attributes that highdicom reads straight from the source (AttributeError when absent).
+_TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "AccessionNumber",
+    "StudyID",
+    "ReferringPhysicianName",
+)
+
+
+def series_description(task: str, kind: str, demo: bool) -> str:
+    """Series Description of an output (≤ 64 characters): task, kind, the warnings."""
+    text = f"AI {task} {kind} - NOT FOR DIAGNOSTIC USE"
+    if demo:
+        text += " - DEMO WEIGHTS"
+    return text[:64]
+
+
+def patient_study_header(source: Dataset) -> Dataset:
+    """A copy of ``source`` without pixel data, its missing Type 2 patient/study attributes
+    (PatientID, StudyID, AccessionNumber, StudyDate...) present and empty."""
+    header = Dataset()
+    for element in source:
+        if element.tag.group != 0x7FE0:
+            header.add(copy.deepcopy(element))
+    for keyword in _TYPE2_PATIENT_STUDY:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
+
+
+def algorithm_equipment(model: ModelInfo, now: dt.datetime) -> hd.ContributingEquipment:
+    """Contributing Equipment item naming the algorithm, with its Device UID.
+
+    highdicom's ContributingEquipment cannot carry a Device UID: it is added with pydicom.
+    """
+    description = "orthonode AI inference"
+    if model.demo:
+        description += " with DEMO WEIGHTS, not for clinical use"
+    item = hd.ContributingEquipment(
+        manufacturer=model.manufacturer,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=model.name,
+        software_versions=model.version,
+        contribution_datetime=now,
+        contribution_description=description,
+    )
+    item.DeviceUID = model.device_uid
+    return item
+
+
+def pin_contribution_time(dataset: Dataset, now: dt.datetime) -> None:
+    """Date highdicom's own Contributing Equipment item ``now`` rather than at the wall clock,
+    so that an object rebuilt with the same UIDs and time is byte-identical."""
+    for item in dataset.get("ContributingEquipmentSequence", []):
+        if item.get("ManufacturerModelName") == "highdicom":
+            item.ContributionDateTime = DT(now)
+
+
+def laterality_of(source: Dataset) -> str | None:
+    """Side of ``source``: "R" or "L" from Image Laterality (else Laterality), or None."""
+    for keyword in ("ImageLaterality", "Laterality"):
+        value = str(source.get(keyword) or "").upper()
+        if value in ("R", "L"):
+            return value
+    return None
+
+
+def check_task(prediction: Prediction, spec: TaskSpec) -> None:
+    """EncodeError unless ``spec`` is the spec of the prediction's task."""
+    if spec.name != prediction.task:
+        raise EncodeError(
+            f"the task spec is {spec.name!r}, the prediction is for task {prediction.task!r}"
+        )
+
+
+def check_version(version: int) -> None:
+    """EncodeError unless ``version`` is a result version (1, 2, ...)."""
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise EncodeError(f"the result version must be an integer of at least 1, not {version!r}")
+
+
+def fused_indices(prediction: Prediction) -> tuple[int, ...]:
+    """Indices into ``prediction.views`` of the images the fused result combines.
+
+    ``prediction.fused_views`` when given (the latest image of each view), else every view.
+    EncodeError when an index is out of range or repeated.
+    """
+    count = len(prediction.views)
+    indices = prediction.fused_views or tuple(range(count))
+    if len(set(indices)) != len(indices) or not all(0 <= i < count for i in indices):
+        raise EncodeError(
+            f"fused views {list(prediction.fused_views)} are not distinct indices into "
+            f"the {count} analysed view(s)"
+        )
+    return tuple(sorted(indices))
+
+
+def fused_view_names(prediction: Prediction) -> str:
+    """The views the fused result combines, e.g. "AP+LAT"."""
+    return "+".join(prediction.views[i].view.view for i in fused_indices(prediction))
+
+
+def supersede_statement(version: int) -> str | None:
+    """What the SR says of a result made again for a study and task; None for version 1.
+
+    A later version is built when images arrive after the earlier result was made; the
+    earlier SR and SCs stay where they were sent, and this one has new UIDs.
+    """
+    if version <= 1:
+        return None
+    return (
+        f"Version {version} of this result: supersedes earlier orthonode results for this "
+        "study and task (images received after they were made)"
+    )
