@@ -80,7 +80,7 @@ def _echo(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from dicom_node.service import load_bundles
+    from dicom_node.models.bundle import load_bundles
 
     config = _config(args)
     sys.stdout.write(

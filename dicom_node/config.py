@@ -1,20 +1,27 @@
 """conf.yaml as typed pydantic models, with errors that name the key and the fix.
 
 Every key has a default, so an empty file is a working configuration (no peers allow-list, no
-destinations, the bundled weights, SQLite spool under ./spool). Secrets may come from the
-environment (``ORTHONODE_*``); see docs/operations.md.
+destinations, the bundled weights, SQLite spool under ./spool). Any key can be overridden from
+the environment: ``ORTHONODE_`` + the key path in capitals, ``__`` between levels
+(``ORTHONODE_NODE__AE_TITLE=ORTHO1``, ``ORTHONODE_SPOOL__DIRECTORY=/var/lib/orthonode``; lists
+and mappings as JSON). The environment wins over the file; see docs/operations.md.
+
+Tasks: ``tasks.<name>`` names a bundle; a task that is not built in (:mod:`dicom_node.tasks`)
+also gives its ``spec:``. Without a ``routing:`` list, each enabled task's spec gives its rule.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_node.errors import ConfigError
+from dicom_node.tasks import TASK_NAME_PATTERN, TaskSpec, builtin_tasks, parse_spec
 
 __all__ = [
     "AssemblyConfig",
@@ -32,7 +39,7 @@ __all__ = [
 ]
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # VR AE: no backslash, ≤ 16 chars
-TASK_NAMES = ("knee", "hip", "spine")
+ENV_PREFIX = "ORTHONODE_"
 
 
 def _check_ae_title(value: str) -> str:
@@ -67,6 +74,11 @@ class DestinationConfig(_Model):
     port: int = Field(default=104, ge=1, le=65535, description="its DICOM port")
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @property
+    def key(self) -> str:
+        """How the outbound queue names this destination: ``name``, else the AE title."""
+        return self.name or self.ae_title
 
 
 class NodeConfig(_Model):
@@ -105,16 +117,20 @@ class AssemblyConfig(_Model):
 
 
 class TaskConfig(_Model):
-    """One clinical task and its weight bundle."""
+    """One clinical task: its weight bundle and (for a task that is not built in) its spec."""
 
     enabled: bool = True
     bundle: Path = Field(description="folder with model.pt and card.json")
+    spec: TaskSpec | None = Field(
+        default=None,
+        description="the task's facts (dicom_node/tasks.yaml shape); built-in tasks have one",
+    )
 
 
 class RoutingRule(_Model):
     """Instances matching every given field go to (task, view); unmatched ones are ignored."""
 
-    task: Literal["knee", "hip", "spine"]
+    task: str = Field(pattern=TASK_NAME_PATTERN, description="a task under tasks:")
     modality: list[str] = Field(default_factory=lambda: ["CR", "DX"])
     body_part: list[str] = Field(description="normalised BodyPartExamined values, e.g. KNEE")
     series_description: str | None = Field(
@@ -139,19 +155,31 @@ class SendConfig(_Model):
 
 
 def _default_tasks() -> dict[str, TaskConfig]:
-    return {name: TaskConfig(bundle=Path("weights") / name) for name in TASK_NAMES}
+    return {
+        name: TaskConfig(bundle=Path("weights") / name, spec=spec)
+        for name, spec in builtin_tasks().items()
+    }
 
 
-def _default_rules() -> list[RoutingRule]:
+def _spec_rules(tasks: dict[str, TaskConfig]) -> list[RoutingRule]:
+    """One rule per enabled task, from its spec's routing defaults."""
     return [
-        RoutingRule(task="knee", body_part=["KNEE"]),
-        RoutingRule(task="hip", body_part=["HIP", "PELVIS"]),
-        RoutingRule(task="spine", body_part=["LSPINE"]),
+        RoutingRule(task=name, **task.spec.routing.model_dump())
+        for name, task in tasks.items()
+        if task.enabled and task.spec is not None
     ]
 
 
-class Config(_Model):
-    """The whole of conf.yaml."""
+class Config(BaseSettings):
+    """The whole of conf.yaml (and ``ORTHONODE_*`` environment overrides)."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        nested_model_default_partial_update=True,
+    )
 
     node: NodeConfig = Field(default_factory=NodeConfig)
     peers: list[PeerConfig] = Field(default_factory=list, description="empty: accept any AE")
@@ -159,17 +187,69 @@ class Config(_Model):
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
     tasks: dict[str, TaskConfig] = Field(default_factory=_default_tasks)
-    routing: list[RoutingRule] = Field(default_factory=_default_rules)
+    routing: list[RoutingRule] = Field(
+        default_factory=list, description="empty: one rule per enabled task, from its spec"
+    )
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     send: SendConfig = Field(default_factory=SendConfig)
 
-    @field_validator("tasks")
     @classmethod
-    def _known_tasks(cls, value: dict[str, TaskConfig]) -> dict[str, TaskConfig]:
-        unknown = sorted(set(value) - set(TASK_NAMES))
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment overrides conf.yaml (passed as init values); no .env file is read.
+        return env_settings, init_settings
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_specs(cls, value: Any) -> Any:
+        """Give each built-in task its spec; a task that is not built in must bring one."""
+        if not isinstance(value, dict):
+            return value
+        builtin = builtin_tasks()
+        resolved = {}
+        for name, task in value.items():
+            if isinstance(task, TaskConfig):
+                task = task.model_dump()
+            if not isinstance(task, dict) or not re.match(TASK_NAME_PATTERN, str(name)):
+                resolved[name] = task  # the field's own validation names the problem
+                continue
+            spec = task.get("spec")
+            if isinstance(spec, dict):
+                task = {**task, "spec": parse_spec(str(name), spec)}
+            elif spec is None and name in builtin:
+                task = {**task, "spec": builtin[name]}
+            elif spec is None:
+                raise ValueError(
+                    f"task {name!r} is not built in ({', '.join(sorted(builtin))}): give it a "
+                    f"spec: under tasks.{name} (see docs/operations.md, 'Adding a task')"
+                )
+            resolved[name] = task
+        return resolved
+
+    @model_validator(mode="after")
+    def _rules_name_tasks(self) -> Config:
+        if not self.routing:
+            # A frozen model: set the derived default once, while it is being built.
+            object.__setattr__(self, "routing", _spec_rules(self.tasks))
+        unknown = sorted({rule.task for rule in self.routing} - set(self.tasks))
         if unknown:
-            raise ValueError(f"unknown task(s) {unknown}; the tasks are {list(TASK_NAMES)}")
-        return value
+            raise ValueError(
+                f"routing rules name task(s) {unknown} that are not under tasks: "
+                f"({', '.join(sorted(self.tasks))})"
+            )
+        return self
+
+    def spec(self, task: str) -> TaskSpec:
+        """The spec of a configured task (every configured task has one once validated)."""
+        spec = self.tasks[task].spec
+        assert spec is not None  # _task_specs fills it or refuses the configuration
+        return spec
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -195,7 +275,7 @@ def load_config(path: Path | None, base: Path | None = None) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys (node:, peers: ...)")
     try:
-        config = Config.model_validate(raw)
+        config = Config(**raw)
     except ValidationError as error:
         problems = [f"  {_location(e['loc'])}: {e['msg']}" for e in error.errors()]
         raise ConfigError(

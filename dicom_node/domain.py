@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # only a type here: the domain does no tensor work
+    import torch
+    from pydicom.dataset import Dataset
 
 __all__ = [
     "ClassInfo",
@@ -18,11 +23,13 @@ __all__ = [
     "ModelInfo",
     "Outputs",
     "Prediction",
+    "PreparedView",
     "RegionOfInterest",
     "RoutedView",
     "StudyJob",
     "ViewPrediction",
     "decide",
+    "latest_indices",
 ]
 
 
@@ -49,12 +56,25 @@ class RoutedView:
 
 @dataclass(frozen=True)
 class StudyJob:
-    """A study ready for one task: its routed views (at most one per view, the latest)."""
+    """A study claimed for one task: every routed view received so far, oldest first per view.
+
+    When a view was sent more than once, each image is analysed (and referenced by the SR);
+    the study-level result fuses the most recent image of each view (:func:`latest_indices`).
+    """
 
     study_instance_uid: str
     task: str
     views: tuple[RoutedView, ...]
-    version: int = 1  # grows when a study receives more instances after it was processed
+    version: int = 1  # grows whenever an instance arrives after the study was claimed
+    last_received_at: float = 0.0  # when its newest instance was stored (the spool's clock)
+
+
+def latest_indices(views: tuple[RoutedView, ...]) -> tuple[int, ...]:
+    """Indices of the most recent image of each view (views are in received order)."""
+    latest: dict[str, int] = {}
+    for index, view in enumerate(views):
+        latest[view.view] = index
+    return tuple(sorted(latest.values()))
 
 
 @dataclass(frozen=True)
@@ -95,6 +115,17 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class PreparedView:
+    """A view read, displayed and turned into the network's input (the infer → explain seam)."""
+
+    view: RoutedView
+    dataset: Dataset = field(repr=False)
+    display: np.ndarray = field(repr=False)  # (Rows, Columns) float32 in [0, 1]
+    tensor: torch.Tensor = field(repr=False)  # (C, S, S)
+    region: RegionOfInterest | None = None  # the square the classifier read, if it crops
+
+
+@dataclass(frozen=True)
 class ViewPrediction:
     """The model's output for one analysed image."""
 
@@ -123,6 +154,9 @@ class Prediction:
     threshold: float  # below this probability of the predicted class: "undetermined"
     model: ModelInfo
     decision_threshold: float | None = None  # two-class tasks: operating point on class 2
+    # Which of ``views`` the fused result combines (the latest image of each view); empty:
+    # all of them.
+    fused_views: tuple[int, ...] = ()
 
     @property
     def probabilities(self) -> tuple[float, ...]:

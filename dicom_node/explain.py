@@ -12,8 +12,7 @@ import torch
 from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 from scipy import ndimage
 
-from dicom_node.domain import Explanation
-from dicom_node.infer import PreparedView
+from dicom_node.domain import Explanation, PreparedView
 from dicom_node.models.backbones import saliency_layer
 from dicom_node.models.bundle import Bundle
 from dicom_node.preprocess import heatmap_to_source

@@ -1,76 +1,54 @@
-"""Inference: region of interest, per-view probabilities (temperature-scaled), AP + lateral
-fusion, operating point and abstention.
+"""Inference: read and prepare each view, per-view probabilities (temperature-scaled), AP +
+lateral fusion, operating point and abstention — and the saliency explanation.
 
-One :class:`Predictor` owns the models (on CUDA when available) and runs the views of one or
-more ready studies as a batch per task. For a bundle with a localiser, each view is first
-located (:mod:`dicom_node.models.localiser`) and the classifier reads the square around the
-implant at the source's resolution.
+One :class:`Predictor` owns the models (on CUDA when available): it runs the views of one or
+more claimed studies as one batch per task, and explains a view for the predicted class
+(:meth:`Predictor.explain`, captum in :mod:`dicom_node.explain`). For a bundle with a
+localiser, each view is first located and the classifier reads the square around the implant
+at the source's resolution (:func:`dicom_node.preprocess.classifier_input`, shared with
+``train/``). Every stage's time goes to an injected ``observe(stage, seconds)``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pydicom
 import torch
-from pydicom.dataset import Dataset
 
 from dicom_node.domain import (
+    Explanation,
     Prediction,
-    RegionOfInterest,
+    PreparedView,
     RoutedView,
     StudyJob,
     ViewPrediction,
+    latest_indices,
 )
 from dicom_node.errors import InferenceError
+from dicom_node.explain import explain
 from dicom_node.models.bundle import Bundle, Stacker
-from dicom_node.models.localiser import locate
-from dicom_node.preprocess import crop_square, display_image, to_model_input
+from dicom_node.preprocess import classifier_input, display_image
 
-__all__ = ["Predictor", "PreparedView", "classifier_input", "fuse", "select_device"]
+__all__ = ["Observe", "Predictor", "fuse", "select_device"]
 
 log = logging.getLogger(__name__)
+
+#: ``observe(stage, seconds)``: where stage timings go (the node's stage histogram).
+Observe = Callable[[str, float], None]
+
+
+def _ignore(stage: str, seconds: float) -> None:
+    return None
 
 
 def select_device(preference: str = "auto") -> torch.device:
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")
-
-
-@dataclass(frozen=True)
-class PreparedView:
-    """A view read, displayed and turned into the network's input."""
-
-    view: RoutedView
-    dataset: Dataset
-    display: np.ndarray  # (Rows, Columns) float32 in [0, 1]
-    tensor: torch.Tensor  # (C, S, S)
-    region: RegionOfInterest | None = None  # the square the classifier read, if it crops
-
-
-def classifier_input(
-    bundle: Bundle, display: np.ndarray
-) -> tuple[torch.Tensor, RegionOfInterest | None]:
-    """The classifier's input for a displayed image, and the region it shows (None: whole).
-
-    ``train/`` batches the same steps (:func:`~dicom_node.models.localiser.locate`,
-    :func:`~dicom_node.preprocess.crop_square`, :func:`~dicom_node.preprocess.to_model_input`),
-    so training and serving crop the same way.
-    """
-    card = bundle.card
-    region = None
-    if bundle.localiser is not None and card.roi is not None:
-        whole = to_model_input(display, card.roi.input_size, 1, "standardise")
-        [region] = locate(
-            bundle.localiser, whole[None], [display.shape], card.roi.threshold, card.roi.margin
-        )
-        display = crop_square(display, region)
-    tensor = to_model_input(display, card.input_size, card.channels, card.normalisation)
-    return tensor, region
 
 
 def fuse(per_view: dict[str, np.ndarray], stacker: Stacker | None) -> np.ndarray | None:
@@ -98,16 +76,27 @@ def fuse(per_view: dict[str, np.ndarray], stacker: Stacker | None) -> np.ndarray
 
 
 class Predictor:
-    """Holds one bundle per task and predicts studies."""
+    """Holds one bundle per task; predicts studies and explains their views."""
 
-    def __init__(self, bundles: dict[str, Bundle], device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        bundles: dict[str, Bundle],
+        device: torch.device | None = None,
+        *,
+        saliency: str = "gradcam",
+        observe: Observe = _ignore,
+    ) -> None:
         self.bundles = bundles
         self.device = device or torch.device("cpu")
+        self.saliency = saliency
+        self.observe = observe
         for bundle in bundles.values():
             bundle.model.to(self.device).eval()
 
     def prepare(self, view: RoutedView) -> PreparedView:
+        """Read and decode one view, display it and make the classifier's input."""
         bundle = self.bundles[view.task]
+        started = time.perf_counter()
         try:
             ds = pydicom.dcmread(view.instance.path)
             display = display_image(ds)
@@ -115,7 +104,10 @@ class Predictor:
             raise InferenceError(
                 f"cannot decode instance {view.instance.sop_instance_uid}: {error}"
             ) from error
+        located = time.perf_counter()
+        self.observe("read", located - started)
         tensor, region = classifier_input(bundle, display)
+        self.observe("locate", time.perf_counter() - located)
         if region is not None and not region.found:
             log.warning(
                 "instance %s: no implant located; the classifier reads the whole image",
@@ -125,12 +117,11 @@ class Predictor:
 
     def predict(self, jobs: Sequence[StudyJob]) -> list[tuple[Prediction, list[PreparedView]]]:
         """Predict several studies; views of the same task run as one batch."""
-        prepared = {
-            job.study_instance_uid + job.task: [self.prepare(v) for v in job.views] for job in jobs
-        }
+        prepared = [[self.prepare(v) for v in job.views] for job in jobs]
+        started = time.perf_counter()
         probabilities: dict[int, np.ndarray] = {}
         by_task: dict[str, list[PreparedView]] = {}
-        for views in prepared.values():
+        for views in prepared:
             for view in views:
                 by_task.setdefault(view.view.task, []).append(view)
         for task, views in by_task.items():
@@ -141,8 +132,7 @@ class Predictor:
             for view, p in zip(views, torch.softmax(logits, dim=1).cpu().numpy(), strict=True):
                 probabilities[id(view)] = p.astype(np.float64)
         results = []
-        for job in jobs:
-            views = prepared[job.study_instance_uid + job.task]
+        for job, views in zip(jobs, prepared, strict=True):
             bundle = self.bundles[job.task]
             per_view = [
                 ViewPrediction(
@@ -152,7 +142,11 @@ class Predictor:
                 )
                 for v in views
             ]
-            fused = fuse({v.view.view: probabilities[id(v)] for v in views}, bundle.card.stacker)
+            latest = latest_indices(job.views)
+            fused = fuse(
+                {views[i].view.view: probabilities[id(views[i])] for i in latest},
+                bundle.card.stacker,
+            )
             prediction = Prediction(
                 study_instance_uid=job.study_instance_uid,
                 task=job.task,
@@ -162,6 +156,19 @@ class Predictor:
                 threshold=bundle.card.threshold,
                 model=bundle.model_info,
                 decision_threshold=bundle.card.decision_threshold,
+                fused_views=latest if fused is not None else (),
             )
             results.append((prediction, views))
+        views_done = sum(len(v) for v in prepared)
+        for _ in range(views_done):  # per view, like the other stages: the batch's mean
+            self.observe("classify", (time.perf_counter() - started) / views_done)
         return results
+
+    def explain(self, view: PreparedView, target: int) -> Explanation:
+        """The saliency heatmap of ``view`` for class ``target``, on the source's grid."""
+        started = time.perf_counter()
+        explanation = explain(
+            self.bundles[view.view.task], view, target, self.saliency, self.device
+        )
+        self.observe("explain", time.perf_counter() - started)
+        return explanation

@@ -1,10 +1,28 @@
-"""Prometheus metrics of the node (a registry of its own; labels never carry patient data)."""
+"""Prometheus metrics of the node (a registry of its own; labels never carry patient data).
+
+``orthonode_stage_seconds{stage}`` says where a study's time goes: ``wait_ready`` (newest
+instance stored → study claimed; per study), ``read`` (read + decode + display), ``locate``
+(region of interest + classifier input), ``classify``, ``explain`` (per view), ``encode`` (SR +
+SCs built and written; per study), ``queue_wait`` (queued → first send attempt) and ``send``
+(per object).
+"""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["Metrics"]
+__all__ = ["STAGES", "Metrics"]
+
+STAGES = (
+    "wait_ready",
+    "read",
+    "locate",
+    "classify",
+    "explain",
+    "encode",
+    "queue_wait",
+    "send",
+)
 
 
 class Metrics:
@@ -28,11 +46,24 @@ class Metrics:
         )
         self.latency = Histogram(
             "orthonode_study_seconds",
-            "Inference + saliency + encoding time per study",
+            "Claimed → outputs queued, per study (inference, saliency, encoding)",
             ["task"],
-            buckets=(0.5, 1, 2, 5, 10, 20, 60, 120),
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 60, 120),
             registry=self.registry,
         )
+        self.stage = Histogram(
+            "orthonode_stage_seconds",
+            "Time per stage (see the module docstring for what one observation is)",
+            ["stage"],
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+            registry=self.registry,
+        )
+        for stage in STAGES:
+            self.stage.labels(stage=stage)  # every series exists from the start
         self.outbox = Gauge(
             "orthonode_outbox", "Outbound queue by state", ["state"], registry=self.registry
         )
+
+    def observe(self, stage: str, seconds: float) -> None:
+        """One observation of a stage's time (the stages' ``observe`` callback)."""
+        self.stage.labels(stage=stage).observe(seconds)

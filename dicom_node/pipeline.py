@@ -1,27 +1,32 @@
 """The one place where the stages are wired: predict → explain → encode → queue for sending.
 
-Ready studies come in as :class:`StudyJob`; what comes out is written under the spool's
-``outputs/`` and queued for every destination. The encoders and the explainer are passed in,
-so a test can swap any stage. Output UIDs are derived from (study, task, version, model
-version), so re-running a job after a crash produces the same objects, not duplicates.
+Claimed studies come in as :class:`StudyJob`; what comes out is written under the spool's
+``outputs/`` and queued for every destination in the same transaction that marks the study
+done (:meth:`Spool.complete`, refused when a newer version of the study is already collecting).
+The pipeline owns batching (every claimed study through the models at once), isolating a
+study that fails (the batch is retried one study at a time) and marking it failed. The
+predictor, the encoders and the spool are passed in, so a test can swap any stage. Output UIDs
+are derived from (study, task, version, model version), so re-running a job after a crash
+produces the same objects, not duplicates.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
+import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from dicom_node.domain import Outputs, StudyJob
+from dicom_node.domain import Outputs, Prediction, PreparedView, StudyJob
 from dicom_node.errors import DicomNodeError
-from dicom_node.explain import explain
-from dicom_node.infer import Predictor
+from dicom_node.infer import Observe, Predictor
 from dicom_node.store import Spool
+from dicom_node.tasks import TaskSpec
 
 __all__ = ["Pipeline", "output_uid"]
 
@@ -37,62 +42,82 @@ def output_uid(*parts: object) -> str:
     return f"2.25.{uuid.uuid5(_NAMESPACE, chr(31).join(str(p) for p in parts)).int}"
 
 
+def _ignore(stage: str, seconds: float) -> None:
+    return None
+
+
 @dataclass
 class Pipeline:
-    """predict → explain → encode → enqueue, for batches of ready studies."""
+    """predict → explain → encode → queue, for batches of claimed studies."""
 
     predictor: Predictor
     spool: Spool
+    specs: Mapping[str, TaskSpec]
     destinations: Sequence[str]
     build_structured_report: Callable[..., Dataset]
     build_secondary_capture: Callable[..., Dataset]
-    saliency: str = "gradcam"
-    explainer: Callable[..., object] = explain
     clock: Callable[[], dt.datetime] = dt.datetime.now
+    observe: Observe = _ignore
+    on_failed: Callable[[str], None] | None = None  # task name; a metric
+
+    def process(self, jobs: Sequence[StudyJob]) -> list[Outputs]:
+        """Run claimed jobs as one batch; on an error, one by one, marking the failures.
+
+        Returns the outputs queued (superseded versions queue nothing). Never raises for a
+        study's fault: every job ends done, failed, or superseded by a newer version.
+        """
+        if not jobs:
+            return []
+        try:
+            return self.run(jobs)
+        except Exception as error:
+            if len(jobs) == 1:
+                self._fail(jobs[0], error)
+                return []
+            log.info("a batch of %d studies failed; running them one by one", len(jobs))
+        outputs = []
+        for job in jobs:
+            try:
+                outputs += self.run([job])
+            except Exception as error:
+                self._fail(job, error)
+        return outputs
+
+    def _fail(self, job: StudyJob, error: Exception) -> None:
+        reason = str(error)
+        if not isinstance(error, DicomNodeError):
+            # Library messages may quote element values: keep them out of the ERROR log and
+            # the spool; the traceback goes to DEBUG only.
+            reason = f"unexpected {type(error).__name__} (traceback at DEBUG level)"
+            log.debug("study %s traceback", job.study_instance_uid, exc_info=error)
+        if self.spool.fail(job, reason):
+            log.error("study %s task %s failed: %s", job.study_instance_uid, job.task, reason)
+            if self.on_failed is not None:
+                self.on_failed(job.task)
+        else:
+            log.info(
+                "study %s task %s v%d failed (%s), but a newer version is already collecting",
+                job.study_instance_uid,
+                job.task,
+                job.version,
+                reason,
+            )
 
     def run(self, jobs: Sequence[StudyJob]) -> list[Outputs]:
+        """predict → explain → encode → queue for ``jobs``; raises on the first error."""
+        results = self.predictor.predict(jobs)
         outputs = []
-        for prediction, views in self.predictor.predict(jobs):
-            job = next(
-                j
-                for j in jobs
-                if j.study_instance_uid == prediction.study_instance_uid
-                and j.task == prediction.task
-            )
-            key = (job.study_instance_uid, job.task, job.version, prediction.model.version)
-            bundle = self.predictor.bundles[job.task]
-            now = self.clock()
-            secondary = []
-            sc_series = output_uid(*key, "sc-series")
-            for number, view in enumerate(views, start=1):
-                explanation = self.explainer(
-                    bundle, view, prediction.predicted_index, self.saliency, self.predictor.device
+        for job, (prediction, views) in zip(jobs, results, strict=True):
+            paths = self._encode(job, prediction, views)
+            if not self.spool.complete(job, paths, list(self.destinations)):
+                log.info(
+                    "study %s task %s v%d superseded while processed: an image arrived; "
+                    "the next version analyses every image",
+                    job.study_instance_uid,
+                    job.task,
+                    job.version,
                 )
-                secondary.append(
-                    self.build_secondary_capture(
-                        view.dataset,
-                        view.display,
-                        explanation,
-                        prediction,
-                        series_number=SC_SERIES_NUMBER,
-                        instance_number=number,
-                        instance_uid=output_uid(*key, "sc", view.view.instance.sop_instance_uid),
-                        series_uid=sc_series,
-                        now=now,
-                    )
-                )
-            report = self.build_structured_report(
-                prediction,
-                [v.dataset for v in views],
-                secondary,
-                series_number=SR_SERIES_NUMBER,
-                instance_uid=output_uid(*key, "sr"),
-                series_uid=output_uid(*key, "sr-series"),
-                now=now,
-            )
-            paths = [self._write(job, report, "sr")]
-            paths += [self._write(job, sc, f"sc{i + 1}") for i, sc in enumerate(secondary)]
-            self.spool.enqueue(job.study_instance_uid, job.task, paths, list(self.destinations))
+                continue
             log.info(
                 "study %s task %s v%d: %s %.1f%% (%d view(s)), %d object(s) queued",
                 job.study_instance_uid,
@@ -114,6 +139,50 @@ class Pipeline:
                 )
             )
         return outputs
+
+    def _encode(
+        self, job: StudyJob, prediction: Prediction, views: Sequence[PreparedView]
+    ) -> list[Path]:
+        """Explain each view, build the SCs and the SR, write them; returns SR path first."""
+        key = (job.study_instance_uid, job.task, job.version, prediction.model.version)
+        spec = self.specs[job.task]
+        now = self.clock()
+        explanations = [self.predictor.explain(v, prediction.predicted_index) for v in views]
+        started = time.perf_counter()
+        sc_series = output_uid(*key, "sc-series")
+        secondary = [
+            self.build_secondary_capture(
+                view.dataset,
+                view.display,
+                explanation,
+                prediction,
+                spec=spec,
+                version=job.version,
+                series_number=SC_SERIES_NUMBER,
+                instance_number=number,
+                instance_uid=output_uid(*key, "sc", view.view.instance.sop_instance_uid),
+                series_uid=sc_series,
+                now=now,
+            )
+            for number, (view, explanation) in enumerate(
+                zip(views, explanations, strict=True), start=1
+            )
+        ]
+        report = self.build_structured_report(
+            prediction,
+            [v.dataset for v in views],
+            secondary,
+            spec=spec,
+            version=job.version,
+            series_number=SR_SERIES_NUMBER,
+            instance_uid=output_uid(*key, "sr"),
+            series_uid=output_uid(*key, "sr-series"),
+            now=now,
+        )
+        paths = [self._write(job, report, "sr")]
+        paths += [self._write(job, sc, f"sc{i + 1}") for i, sc in enumerate(secondary)]
+        self.observe("encode", time.perf_counter() - started)
+        return paths
 
     def _write(self, job: StudyJob, ds: Dataset, kind: str) -> Path:
         path = self.spool.output_path(

@@ -1,9 +1,12 @@
 """The running node: C-STORE receiver, assembler, inference worker, sender, metrics endpoint.
 
-Threads hand work over through the spool (durable) and wake each other with events, never with
-fixed sleeps on the hot path. On start, studies caught mid-processing by a crash go back to the
-queue and unsent outputs are retried. ``stop()`` (SIGTERM) stops accepting associations, lets
-the current step finish and closes the spool.
+The stages hand work on through the spool (durable) and wake the next one directly: a stored
+instance wakes the assembler, a study promoted to ready wakes the inference worker, queued
+outputs wake the sender. Each waits on its event with a timeout that is only a safety net (and,
+for the assembler, the end of the next quiet period; for the sender, the next retry). On start,
+studies caught mid-processing by a crash go back to the queue and unsent outputs are retried.
+``stop()`` (SIGTERM) stops accepting associations, lets the current step finish and closes the
+spool.
 """
 
 from __future__ import annotations
@@ -18,55 +21,34 @@ from prometheus_client import start_http_server
 
 from dicom_node.assemble import Assembler
 from dicom_node.config import Config
-from dicom_node.errors import BundleError, DicomNodeError
 from dicom_node.infer import Predictor, select_device
 from dicom_node.metrics import Metrics
-from dicom_node.models.bundle import Bundle, load_bundle
+from dicom_node.models.bundle import load_bundles
 from dicom_node.pipeline import Pipeline
-from dicom_node.receive import Peer, ScpSettings, StorageScp
+from dicom_node.receive import StorageScp
 from dicom_node.send import Sender
 from dicom_node.store import Spool
 
-__all__ = ["Service", "load_bundles"]
+__all__ = ["Service"]
 
 log = logging.getLogger(__name__)
-
-_TRAIN_HINT = (
-    "python -m train synth --task {task} --patients 400 --out data/{task} && "
-    "python -m train fit --data data/{task} --out runs/{task} && "
-    "python -m train export --bundle runs/{task} --out {path}"
-)
-
-
-def load_bundles(config: Config, device: str = "cpu") -> dict[str, Bundle]:
-    """Every enabled task's bundle, verified; refuses with the missing file and the fix."""
-    bundles = {}
-    for task, task_config in config.tasks.items():
-        if not task_config.enabled:
-            continue
-        path = task_config.bundle
-        try:
-            bundles[task] = load_bundle(path, device)
-        except BundleError as error:
-            raise BundleError(
-                f"task {task}: {error}. Make a bundle with "
-                f"`{_TRAIN_HINT.format(task=task, path=path)}`, point tasks.{task}.bundle at "
-                f"one, or set tasks.{task}.enabled: false in conf.yaml"
-            ) from None
-    if not bundles:
-        raise BundleError("no task is enabled in conf.yaml (tasks.<name>.enabled)")
-    return bundles
 
 
 @dataclass
 class Service:
-    """Everything ``python -m dicom_node serve`` runs."""
+    """Everything ``python -m dicom_node serve`` runs.
+
+    ``safety_net_s`` bounds how long a stage sleeps when nobody wakes it (a lost wake-up, or
+    work another process added); the hot path never waits for it.
+    """
 
     config: Config
     clock: Callable[[], float] = time.time
-    tick_s: float = 0.5
+    safety_net_s: float = 2.0
     _stop: threading.Event = field(default_factory=threading.Event)
-    _wake: threading.Event = field(default_factory=threading.Event)
+    _assemble: threading.Event = field(default_factory=threading.Event)
+    _infer: threading.Event = field(default_factory=threading.Event)
+    _send: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
 
     def start(self) -> None:
@@ -74,8 +56,8 @@ class Service:
 
         config = self.config
         device = select_device(config.inference.device)
-        bundles = load_bundles(config, str(device))
-        self.metrics = Metrics()
+        bundles = load_bundles(config, device)
+        self.metrics = metrics = Metrics()
         self.spool = Spool(
             config.spool.directory,
             min_free_bytes=config.spool.min_free_mb * 2**20,
@@ -87,47 +69,52 @@ class Service:
         self.assembler = Assembler(
             self.spool,
             config.routing,
-            set(bundles),
+            {task: bundle.card.views for task, bundle in bundles.items()},
             config.assembly.stable_after_s,
             self.clock,
-            on_unmatched=self.metrics.unrouted.inc,
+            on_unmatched=metrics.unrouted.inc,
         )
         self.pipeline = Pipeline(
-            predictor=Predictor(bundles, device),
+            predictor=Predictor(
+                bundles, device, saliency=config.inference.saliency, observe=metrics.observe
+            ),
             spool=self.spool,
-            destinations=[d.name or d.ae_title for d in config.destinations],
+            specs={task: config.spec(task) for task in bundles},
+            destinations=[d.key for d in config.destinations],
             build_structured_report=build_structured_report,
             build_secondary_capture=build_secondary_capture,
-            saliency=config.inference.saliency,
+            observe=metrics.observe,
+            on_failed=lambda task: metrics.failed.labels(task=task).inc(),
         )
-        self.sender = Sender(self.spool, config.destinations, config.send, config.node.ae_title)
-        settings = ScpSettings(
-            ae_title=config.node.ae_title,
-            host=config.node.host,
-            port=config.node.port,
-            peers=tuple(Peer(p.ae_title, p.host) for p in config.peers),
-            max_associations=config.node.max_associations,
-            max_pdu=config.node.max_pdu,
-            acse_timeout=config.node.acse_timeout_s,
-            dimse_timeout=config.node.dimse_timeout_s,
-            network_timeout=config.node.network_timeout_s,
+        self.sender = Sender(
+            self.spool,
+            config.destinations,
+            config.send,
+            config.node.ae_title,
+            observe=metrics.observe,
+            clock=self.clock,
         )
-        self.scp = StorageScp(settings, self.spool, on_stored=self._on_stored)
+        self.scp = StorageScp(
+            config.node, self.spool, peers=config.peers, on_stored=self._on_stored
+        )
         self.scp.start()
         if config.node.http_port:
             start_http_server(
-                config.node.http_port, addr=config.node.host, registry=self.metrics.registry
+                config.node.http_port, addr=config.node.host, registry=metrics.registry
             )
-        for name, loop in (
-            ("assembler", self._assemble_loop),
-            ("inference", self._infer_loop),
-            ("sender", self._send_loop),
+        for name, step in (
+            ("assembler", self._assemble_step),
+            ("inference", self._infer_step),
+            ("sender", self._send_step),
         ):
             thread = threading.Thread(
-                target=self._guard(loop), name=f"orthonode-{name}", daemon=True
+                target=self._guard(step), name=f"orthonode-{name}", daemon=True
             )
             thread.start()
             self._threads.append(thread)
+        # Whatever the last run left (unrouted instances, ready studies, due sends) starts now.
+        for event in (self._assemble, self._infer, self._send):
+            event.set()
         log.info(
             "orthonode listening as %s on port %d; tasks %s on %s",
             config.node.ae_title,
@@ -138,75 +125,58 @@ class Service:
 
     def _on_stored(self, study_instance_uid: str, sop_instance_uid: str) -> None:
         self.metrics.received.inc()
-        self._wake.set()
+        self._assemble.set()
 
-    def _guard(self, loop: Callable[[], None]) -> Callable[[], None]:
+    def _guard(self, step: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
             while not self._stop.is_set():
                 try:
-                    loop()
+                    step()
                 except Exception:
                     log.exception("worker step failed; continuing")
-                    self._stop.wait(self.tick_s)
+                    self._stop.wait(self.safety_net_s)
 
         return run
 
-    def _assemble_loop(self) -> None:
-        self._wake.wait(self.tick_s)
-        self._wake.clear()
+    def _wait(self, event: threading.Event, timeout: float | None) -> None:
+        """Sleep until woken, stopped, or ``timeout`` (capped by the safety net)."""
+        limit = self.safety_net_s if timeout is None else min(timeout, self.safety_net_s)
+        event.wait(max(limit, 0.0))
+        event.clear()  # work is read after this, so a wake-up from now on is not lost
+
+    def _assemble_step(self) -> None:
+        self._wait(self._assemble, self.assembler.seconds_to_next_deadline())
+        if self._stop.is_set():
+            return
         self.assembler.route_new()
-        if self.assembler.promote_ready():
-            self._wake.set()
+        if self.assembler.promote():
+            self._infer.set()
 
-    def _infer_loop(self) -> None:
-        ready = self.spool.studies_in("ready")
-        if not ready:
-            self._stop.wait(self.tick_s)
-            return
-        jobs = []
-        for study in ready[: self.config.inference.batch_size]:
-            if self.spool.set_study_state(
-                study.study_instance_uid, study.task, "processing", expect="ready"
-            ):
-                jobs.append(self.assembler.job(study.study_instance_uid, study.task, study.version))
-        if not jobs:
-            return
-        started = time.perf_counter()
-        try:
-            # One batch through the models for every claimed study (views of a task together).
-            self.pipeline.run(jobs)
-            done = jobs
-        except Exception:
-            # Something in the batch is bad: run the studies one by one to isolate it. A study
-            # that fails is marked failed (visible in `status`), never left in 'processing'.
-            done = []
+    def _infer_step(self) -> None:
+        self._wait(self._infer, None)
+        while not self._stop.is_set():
+            jobs = self.spool.claim_ready(self.config.inference.batch_size)
+            if not jobs:
+                return
+            claimed = self.clock()
             for job in jobs:
-                try:
-                    self.pipeline.run([job])
-                    done.append(job)
-                except Exception as error:
-                    reason = str(error)
-                    if not isinstance(error, DicomNodeError):
-                        # Library messages may quote element values: keep them out of the
-                        # ERROR log and the spool; the traceback goes to DEBUG only.
-                        reason = f"unexpected {type(error).__name__} (traceback at DEBUG level)"
-                        log.debug("study %s traceback", job.study_instance_uid, exc_info=True)
-                    self.spool.set_study_state(job.study_instance_uid, job.task, "failed", reason)
-                    self.metrics.failed.labels(task=job.task).inc()
-                    log.error(
-                        "study %s task %s failed: %s", job.study_instance_uid, job.task, reason
-                    )
-        elapsed = (time.perf_counter() - started) / max(len(jobs), 1)
-        for job in done:
-            self.spool.set_study_state(
-                job.study_instance_uid, job.task, "done", expect="processing", version=job.version
-            )
-            self.metrics.processed.labels(task=job.task).inc()
-            self.metrics.latency.labels(task=job.task).observe(elapsed)
+                self.metrics.observe("wait_ready", max(0.0, claimed - job.last_received_at))
+            started = time.perf_counter()
+            outputs = self.pipeline.process(jobs)
+            if outputs:
+                self._send.set()
+            elapsed = (time.perf_counter() - started) / len(jobs)
+            for output in outputs:
+                self.metrics.processed.labels(task=output.task).inc()
+                self.metrics.latency.labels(task=output.task).observe(elapsed)
 
-    def _send_loop(self) -> None:
-        if not self.sender.step():
-            self._stop.wait(self.tick_s)
+    def _send_step(self) -> None:
+        due = self.spool.next_due()
+        self._wait(self._send, None if due is None else due - self.clock())
+        if self._stop.is_set():
+            return
+        while self.sender.step():
+            pass  # until nothing is due
         counts = self.spool.outbox_counts()
         for state in ("pending", "sent", "dead"):
             self.metrics.outbox.labels(state=state).set(counts.get(state, 0))
@@ -216,7 +186,8 @@ class Service:
         if self._stop.is_set():
             return
         self._stop.set()
-        self._wake.set()
+        for event in (self._assemble, self._infer, self._send):
+            event.set()
         if hasattr(self, "scp"):
             self.scp.stop()
         for thread in self._threads:

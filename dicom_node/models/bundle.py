@@ -15,40 +15,46 @@ import json
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from torch import nn
 
 from dicom_node.domain import ClassInfo, ModelInfo
 from dicom_node.errors import BundleError
 from dicom_node.models.backbones import build_backbone
 from dicom_node.models.localiser import Localiser
+from dicom_node.preprocess import preprocessing_record
+from dicom_node.tasks import CardClass
+
+if TYPE_CHECKING:
+    from dicom_node.config import Config
 
 __all__ = [
     "Bundle",
     "Card",
     "CardClass",
+    "PreprocessingStep",
     "RoiSpec",
     "Stacker",
     "device_uid",
     "load_bundle",
+    "load_bundles",
     "save_bundle",
     "sha256_file",
     "update_card",
 ]
 
 CARD_SCHEMA_VERSION = 1
-
-
-class CardClass(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str
-    code_value: str = Field(max_length=16)
-    coding_scheme: str
-    code_meaning: str = Field(max_length=64)
 
 
 class Stacker(BaseModel):
@@ -89,6 +95,16 @@ class RoiSpec(BaseModel):
     margin: float = Field(default=0.15, ge=0.0, le=1.0, description="context, share of side")
 
 
+class PreprocessingStep(BaseModel):
+    """One transform of the preprocessing (:class:`dicom_node.preprocess.Preprocessing`): the
+    MONAI or ``dicom_node.preprocess`` array transform's name and its arguments."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    transform: str
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
 class Card(BaseModel):
     """card.json."""
 
@@ -116,9 +132,38 @@ class Card(BaseModel):
     temperature: float = Field(default=1.0, gt=0.0)
     stacker: Stacker | None = None
     roi: RoiSpec | None = None
+    preprocessing: list[PreprocessingStep] | None = Field(
+        default=None,
+        validate_default=True,
+        description="the composition input_size, channels, normalisation and roi make (derived "
+        "when absent; a card whose record differs from it is refused)",
+    )
     metrics: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
     model_sha256: str
+
+    @field_validator("preprocessing", mode="after")
+    @classmethod
+    def _preprocessing(
+        cls, value: list[PreprocessingStep] | None, info: ValidationInfo
+    ) -> list[PreprocessingStep] | None:
+        fields = info.data
+        if not {"input_size", "channels", "normalisation", "roi"} <= fields.keys():
+            return value  # an earlier field is invalid, and reported
+        derived = [
+            PreprocessingStep.model_validate(step)
+            for step in preprocessing_record(
+                fields["input_size"], fields["channels"], fields["normalisation"], fields["roi"]
+            )
+        ]
+        if value is not None and value != derived:
+            raise ValueError(
+                "the recorded preprocessing is not the one this node builds from input_size, "
+                "channels, normalisation and roi (the bundle was made with other code): "
+                f"recorded {[s.model_dump() for s in value]}, "
+                f"built {[s.model_dump() for s in derived]}"
+            )
+        return derived
 
 
 @dataclass(frozen=True)
@@ -132,16 +177,7 @@ class Bundle:
 
     @property
     def classes(self) -> tuple[ClassInfo, ...]:
-        return tuple(
-            ClassInfo(
-                index=i,
-                name=c.name,
-                code_value=c.code_value,
-                coding_scheme=c.coding_scheme,
-                code_meaning=c.code_meaning,
-            )
-            for i, c in enumerate(self.card.classes)
-        )
+        return tuple(ClassInfo(index=i, **c.model_dump()) for i, c in enumerate(self.card.classes))
 
     @property
     def model_info(self) -> ModelInfo:
@@ -213,6 +249,46 @@ def load_bundle(path: Path, device: torch.device | str = "cpu") -> Bundle:
         _load_state(localiser, _verified(path / card.roi.file, card.roi.sha256), "the localiser")
         localiser.eval().to(device)
     return Bundle(path=path, card=card, model=model, localiser=localiser)
+
+
+_TRAIN_HINT = (
+    "python -m train synth --task {task} --patients 400 --out data/{task} && "
+    "python -m train fit --data data/{task} --out runs/{task} && "
+    "python -m train export --bundle runs/{task} --out {path}"
+)
+
+
+def load_bundles(config: Config, device: torch.device | str = "cpu") -> dict[str, Bundle]:
+    """Every enabled task's bundle, verified; refuses with the missing file and the fix.
+
+    Raises
+    ------
+    BundleError
+        Naming the task, the problem, and the commands that make a bundle; also when no task
+        is enabled, or a bundle's card is for another task.
+    """
+    bundles = {}
+    for task, task_config in config.tasks.items():
+        if not task_config.enabled:
+            continue
+        path = task_config.bundle
+        try:
+            bundle = load_bundle(path, device)
+        except BundleError as error:
+            raise BundleError(
+                f"task {task}: {error}. Make a bundle with "
+                f"`{_TRAIN_HINT.format(task=task, path=path)}`, point tasks.{task}.bundle at "
+                f"one, or set tasks.{task}.enabled: false in conf.yaml"
+            ) from None
+        if bundle.card.task != task:
+            raise BundleError(
+                f"tasks.{task}.bundle {path} is a bundle for task {bundle.card.task!r}; "
+                f"point it at a {task} bundle"
+            )
+        bundles[task] = bundle
+    if not bundles:
+        raise BundleError("no task is enabled in conf.yaml (tasks.<name>.enabled)")
+    return bundles
 
 
 def device_uid(task: str, version: str, model_sha256: str) -> str:

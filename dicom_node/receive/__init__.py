@@ -4,8 +4,6 @@ from dicom_node.receive.scp import (
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
     InstanceSink,
-    Peer,
-    ScpSettings,
     StorageScp,
 )
 
@@ -13,7 +11,5 @@ __all__ = [
     "STORAGE_SOP_CLASSES",
     "TRANSFER_SYNTAXES",
     "InstanceSink",
-    "Peer",
-    "ScpSettings",
     "StorageScp",
 ]

@@ -17,8 +17,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from pydicom.uid import (
@@ -50,14 +49,13 @@ from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.config import NodeConfig, PeerConfig
 from dicom_node.errors import StorageFullError, StoreError
 
 __all__ = [
     "STORAGE_SOP_CLASSES",
     "TRANSFER_SYNTAXES",
     "InstanceSink",
-    "Peer",
-    "ScpSettings",
     "StorageScp",
 ]
 
@@ -108,14 +106,6 @@ _VERIFICATION = "1.2.840.10008.1.1"
 _IDENTIFYING_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
-@dataclass(frozen=True)
-class Peer:
-    """A calling AE allowed to associate; ``host`` None allows it from any address."""
-
-    ae_title: str
-    host: str | None = None
-
-
 class InstanceSink(Protocol):
     """Where received instances go (the spool)."""
 
@@ -138,30 +128,17 @@ class InstanceSink(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class ScpSettings:
-    """The SCP's identity, allow-list and association limits."""
-
-    ae_title: str = "ORTHONODE"
-    host: str = "0.0.0.0"
-    port: int = 11112  # 0: any free port, see ``StorageScp.port``
-    peers: tuple[Peer, ...] = ()  # empty: accept any calling AE
-    max_associations: int = 10
-    max_pdu: int = 16382 * 8  # 0: unlimited
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 30.0
-    network_timeout: float = 60.0
-
-
 class StorageScp:
     """Verification and Storage SCP for projection radiographs.
 
     Parameters
     ----------
-    settings : ScpSettings
-        AE title, address, allow-list and limits.
+    settings : NodeConfig
+        AE title, address and association limits (``node:`` in conf.yaml).
     sink : InstanceSink
         Durable storage for received instances; called from the association threads.
+    peers : Sequence[PeerConfig]
+        The calling AEs allowed to associate (``peers:``); empty: any calling AE.
     on_stored : callable, optional
         ``on_stored(study_instance_uid, sop_instance_uid)``, called after each instance stored
         for the first time (not for duplicates). Its errors are logged, never returned to the
@@ -170,12 +147,14 @@ class StorageScp:
 
     def __init__(
         self,
-        settings: ScpSettings,
+        settings: NodeConfig,
         sink: InstanceSink,
         *,
+        peers: Sequence[PeerConfig] = (),
         on_stored: Callable[[str, str], None] | None = None,
     ) -> None:
         self.settings = settings
+        self.peers = tuple(peers)
         self._sink = sink
         self._on_stored = on_stored
         self._lock = threading.Lock()
@@ -199,13 +178,13 @@ class StorageScp:
         with self._lock:
             if self._server is not None:
                 raise RuntimeError("the storage SCP is already started")
-            self._allowed = _allowed_addresses(settings.peers)
+            self._allowed = _allowed_addresses(self.peers)
             ae = AE(ae_title=settings.ae_title)
             ae.maximum_associations = settings.max_associations
             ae.maximum_pdu_size = settings.max_pdu
-            ae.acse_timeout = settings.acse_timeout
-            ae.dimse_timeout = settings.dimse_timeout
-            ae.network_timeout = settings.network_timeout
+            ae.acse_timeout = settings.acse_timeout_s
+            ae.dimse_timeout = settings.dimse_timeout_s
+            ae.network_timeout = settings.network_timeout_s
             # Our EVT_REQUESTED handler rejects a wrong called AE title first (and logs why);
             # pynetdicom's own check stays on as a second line.
             ae.require_called_aet = True
@@ -231,8 +210,8 @@ class StorageScp:
             settings.ae_title,
             settings.host,
             self.port,
-            len(settings.peers),
-            "" if settings.peers else ": any calling AE",
+            len(self.peers),
+            "" if self.peers else ": any calling AE",
         )
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -467,7 +446,7 @@ def _resolve(host: str) -> frozenset[str]:
     return frozenset(_normalise_address(str(info[4][0])) for info in infos)
 
 
-def _allowed_addresses(peers: tuple[Peer, ...]) -> dict[str, list[frozenset[str] | None]]:
+def _allowed_addresses(peers: Sequence[PeerConfig]) -> dict[str, list[frozenset[str] | None]]:
     allowed: dict[str, list[frozenset[str] | None]] = {}
     for peer in peers:
         hosts = None if peer.host is None else _resolve(peer.host)

@@ -8,11 +8,12 @@ An output is only marked sent when the destination answered success (0x0000) or 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import pydicom
-from pynetdicom import AE, build_context
+from pydicom.filereader import read_file_meta_info
+from pynetdicom import AE, _config, build_context
 
 from dicom_node.config import DestinationConfig, SendConfig
 from dicom_node.errors import SendError
@@ -38,10 +39,16 @@ def send_files(
     calling_ae_title: str,
     timeout_s: float = 30.0,
 ) -> dict[Path, str | None]:
-    """Send files over one association; returns path → None (sent) or an error message."""
-    datasets = {path: pydicom.dcmread(path) for path in paths}
+    """Send files over one association; returns path → None (sent) or an error message.
+
+    Each file is sent as it is on disk (pynetdicom's chunked sending: the data set is streamed
+    from the file without being decoded and re-encoded), under a presentation context for its
+    SOP class and transfer syntax, read from its file meta information.
+    """
+    _config.STORE_SEND_CHUNKED_DATASET = True  # only this sender sends C-STOREs in the node
+    metas = {path: read_file_meta_info(path) for path in paths}
     contexts = {
-        (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets.values()
+        (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)) for meta in metas.values()
     }
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
@@ -53,8 +60,8 @@ def send_files(
         reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
         return {path: f"association with {destination.ae_title} {reason}" for path in paths}
     try:
-        for path, ds in datasets.items():
-            status = assoc.send_c_store(ds)
+        for path in paths:
+            status = assoc.send_c_store(path)
             code = int(status.Status) if status and "Status" in status else None
             if code in _SUCCESS:
                 results[path] = None
@@ -77,12 +84,16 @@ class Sender:
         policy: SendConfig,
         calling_ae_title: str,
         transport: Callable[..., dict[Path, str | None]] = send_files,
+        observe: Callable[[str, float], None] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.spool = spool
-        self.destinations = {d.name or d.ae_title: d for d in destinations}
+        self.destinations = {d.key: d for d in destinations}
         self.policy = policy
         self.calling_ae_title = calling_ae_title
         self.transport = transport
+        self.observe = observe
+        self.clock = clock
 
     def step(self) -> int:
         """Try every due item once; returns how many were attempted."""
@@ -96,12 +107,22 @@ class Sender:
                 for item in items:
                     self.spool.mark_failed(item.id, f"destination {name!r} is not configured", None)
                 continue
+            if self.observe is not None:
+                now = self.clock()
+                for item in items:
+                    if item.attempts == 0:
+                        self.observe("queue_wait", max(0.0, now - item.created_at))
+            started = time.perf_counter()
             try:
                 results = self.transport(
                     destination, [i.path for i in items], self.calling_ae_title
                 )
             except (OSError, ValueError, SendError, RuntimeError) as error:
                 results = {i.path: f"send failed: {error}" for i in items}
+            if self.observe is not None:
+                per_item = (time.perf_counter() - started) / len(items)
+                for _ in items:
+                    self.observe("send", per_item)
             for item in items:
                 problem = results.get(item.path, "not attempted")
                 if problem is None:

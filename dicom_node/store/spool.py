@@ -1,13 +1,21 @@
 """The spool: received instances as files plus an SQLite (WAL) index of instances, study jobs
 and the outbound queue.
 
+The spool owns every study's state: stages change it only through its transitions —
+:meth:`Spool.mark_routed` (collecting, or a new version), :meth:`Spool.promote_ready`,
+:meth:`Spool.claim_ready` (ready → processing, with the job's views), :meth:`Spool.complete`
+(outputs queued and done, version-guarded), :meth:`Spool.fail` and :meth:`Spool.resume` — each
+one transaction.
+
 Nothing is acknowledged before it is durable: an instance is written to a temporary file,
 fsynced, renamed into place, its directory fsynced, and its row committed, and only then does
 :meth:`Spool.store` return. File names are validated SOP Instance UIDs, never paths from the
 network. On start, jobs left half-done by a crash go back to the queue.
 
 The class is the store interface the stages use; a PostgreSQL implementation with the same
-methods can replace it when several nodes share one queue.
+methods can replace it when several nodes share one queue. It is one file of about 500 lines on
+purpose: one class over one connection, so that each state transition is one transaction next
+to the schema it changes.
 """
 
 from __future__ import annotations
@@ -18,19 +26,22 @@ import shutil
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydicom.uid import UID
 
-from dicom_node.domain import InstanceRef
+from dicom_node.domain import InstanceRef, RoutedView, StudyJob
 from dicom_node.errors import StorageFullError, StoreError
 
 __all__ = ["OutboxItem", "Spool", "StudyState"]
 
 log = logging.getLogger(__name__)
+
+# Views in the order a study's job lists them (received order within a view).
+_VIEW_ORDER = {"AP": 0, "LAT": 1}
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -95,6 +106,7 @@ class OutboxItem:
     attempts: int
     state: str
     last_error: str | None
+    created_at: float = 0.0  # when it was queued (the spool's clock)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -243,7 +255,12 @@ class Spool:
     def mark_routed(
         self, instance: InstanceRef, task: str | None, view: str | None, laterality: str | None
     ) -> None:
-        """Record the routing decision; a routed instance (re)opens its study for the task."""
+        """Record the routing decision; a routed instance (re)opens its study for the task.
+
+        An instance for a study that is being processed, done or failed opens a new version
+        (back to collecting): the running version's completion is then refused
+        (:meth:`complete` is version-guarded), so the new instance cannot be swallowed.
+        """
         now = self._clock()
         with self._transaction() as db:
             received = db.execute(
@@ -268,64 +285,135 @@ class Spool:
                     "last_received_at, updated_at) VALUES (?, ?, 'collecting', 1, ?, ?)",
                     (instance.study_instance_uid, task, received_at, now),
                 )
-            elif state[0] in ("done", "failed"):
-                # New instances after processing: a new version of the outputs.
+            elif state[0] in ("processing", "done", "failed"):
+                # After the study was claimed: a new version of the outputs, with every image.
                 db.execute(
                     "UPDATE studies SET state = 'collecting', version = version + 1, "
-                    "last_received_at = ?, updated_at = ?, error = NULL "
+                    "last_received_at = MAX(last_received_at, ?), updated_at = ?, error = NULL "
                     "WHERE study_instance_uid = ? AND task = ?",
                     (received_at, now, instance.study_instance_uid, task),
                 )
-            else:
+            else:  # collecting or ready: the views are read when the study is claimed
                 db.execute(
                     "UPDATE studies SET last_received_at = MAX(last_received_at, ?), "
                     "updated_at = ? WHERE study_instance_uid = ? AND task = ?",
                     (received_at, now, instance.study_instance_uid, task),
                 )
 
-    def collecting(self) -> list[StudyState]:
-        return self._studies("state = 'collecting'")
-
-    def study_views(
-        self, study_instance_uid: str, task: str
-    ) -> list[tuple[InstanceRef, str, str | None]]:
-        """Routed instances of a study for a task: (instance, view, laterality), oldest first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, "
-                "series_instance_uid, path, view, laterality FROM instances "
-                "WHERE study_instance_uid = ? AND task = ? AND routed = 1 ORDER BY received_at",
-                (study_instance_uid, task),
-            ).fetchall()
-        return [(self._ref(row[:5]), row[5], row[6]) for row in rows]
-
-    def set_study_state(
-        self,
-        study_instance_uid: str,
-        task: str,
-        state: str,
-        error: str | None = None,
-        *,
-        expect: str | None = None,
-        version: int | None = None,
-    ) -> bool:
-        """Move a study to ``state``; with ``expect``/``version``, only from that state/version."""
-        sql = (
-            "UPDATE studies SET state = ?, error = ?, updated_at = ? "
-            "WHERE study_instance_uid = ? AND task = ?"
-        )
-        params: list[object] = [state, error, self._clock(), study_instance_uid, task]
-        if expect is not None:
-            sql += " AND state = ?"
-            params.append(expect)
-        if version is not None:
-            sql += " AND version = ?"
-            params.append(version)
+    def promote_ready(
+        self, required_views: Mapping[str, Collection[str]], quiet_since: float
+    ) -> int:
+        """Move collecting studies to 'ready': those with every view their task requires, and
+        those whose newest instance is older than ``quiet_since``. Returns how many moved."""
+        promoted = 0
         with self._transaction() as db:
-            return db.execute(sql, params).rowcount == 1
+            studies = db.execute(
+                "SELECT study_instance_uid, task, last_received_at FROM studies "
+                "WHERE state = 'collecting'"
+            ).fetchall()
+            for study_instance_uid, task, last_received_at in studies:
+                present = {
+                    row[0]
+                    for row in db.execute(
+                        "SELECT DISTINCT view FROM instances WHERE study_instance_uid = ? "
+                        "AND task = ? AND routed = 1",
+                        (study_instance_uid, task),
+                    )
+                }
+                complete = set(required_views.get(task, ())) <= present
+                if not present or not (complete or last_received_at <= quiet_since):
+                    continue
+                db.execute(
+                    "UPDATE studies SET state = 'ready', updated_at = ? "
+                    "WHERE study_instance_uid = ? AND task = ? AND state = 'collecting'",
+                    (self._clock(), study_instance_uid, task),
+                )
+                promoted += 1
+        return promoted
 
-    def studies_in(self, state: str) -> list[StudyState]:
-        return self._studies("state = ?", (state,))
+    def next_quiet_deadline(self) -> float | None:
+        """``last_received_at`` of the collecting study that has waited longest, or None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(last_received_at) FROM studies WHERE state = 'collecting'"
+            ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    def claim_ready(self, limit: int) -> list[StudyJob]:
+        """Move up to ``limit`` ready studies to 'processing' and return their jobs, with every
+        routed view received so far, in one transaction (oldest ready first)."""
+        jobs = []
+        with self._transaction() as db:
+            studies = db.execute(
+                "SELECT study_instance_uid, task, version, last_received_at FROM studies "
+                "WHERE state = 'ready' ORDER BY updated_at LIMIT ?",
+                (limit,),
+            ).fetchall()
+            for study_instance_uid, task, version, last_received_at in studies:
+                db.execute(
+                    "UPDATE studies SET state = 'processing', updated_at = ? "
+                    "WHERE study_instance_uid = ? AND task = ?",
+                    (self._clock(), study_instance_uid, task),
+                )
+                rows = db.execute(
+                    "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, "
+                    "series_instance_uid, path, view, laterality FROM instances "
+                    "WHERE study_instance_uid = ? AND task = ? AND routed = 1 "
+                    "ORDER BY received_at, rowid",
+                    (study_instance_uid, task),
+                ).fetchall()
+                views = [RoutedView(self._ref(row[:5]), task, row[5], row[6]) for row in rows]
+                views.sort(key=lambda v: _VIEW_ORDER.get(v.view, len(_VIEW_ORDER)))
+                jobs.append(
+                    StudyJob(study_instance_uid, task, tuple(views), version, last_received_at)
+                )
+        return jobs
+
+    def complete(self, job: StudyJob, paths: Sequence[Path], destinations: Sequence[str]) -> bool:
+        """Queue a job's outputs for every destination and mark the study done, in one
+        transaction — only if the job is still the study's current version.
+
+        Returns False (nothing queued) when an instance arrived while it was processed: that
+        version is superseded, and the next one, with every image, is on its way.
+        """
+        now = self._clock()
+        with self._transaction() as db:
+            current = db.execute(
+                "UPDATE studies SET state = 'done', error = NULL, updated_at = ? "
+                "WHERE study_instance_uid = ? AND task = ? AND state = 'processing' "
+                "AND version = ?",
+                (now, job.study_instance_uid, job.task, job.version),
+            ).rowcount
+            if current != 1:
+                return False
+            for destination in destinations:
+                for path in paths:
+                    db.execute(
+                        "INSERT INTO outbox (study_instance_uid, task, path, destination, state, "
+                        "next_attempt_at, created_at, updated_at) "
+                        "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
+                        (job.study_instance_uid, job.task, str(path), destination, now, now, now),
+                    )
+        return True
+
+    def fail(self, job: StudyJob, reason: str) -> bool:
+        """Mark a job's study failed (visible in ``status``), only if it is still the current
+        version; False when a newer version is already collecting (it will be tried)."""
+        with self._transaction() as db:
+            return (
+                db.execute(
+                    "UPDATE studies SET state = 'failed', error = ?, updated_at = ? "
+                    "WHERE study_instance_uid = ? AND task = ? AND state = 'processing' "
+                    "AND version = ?",
+                    (reason, self._clock(), job.study_instance_uid, job.task, job.version),
+                ).rowcount
+                == 1
+            )
+
+    def study(self, study_instance_uid: str, task: str) -> StudyState | None:
+        """One study's state, or None."""
+        found = self._studies("study_instance_uid = ? AND task = ?", (study_instance_uid, task))
+        return found[0] if found else None
 
     def recent_studies(self, limit: int = 20) -> list[StudyState]:
         return self._studies("1 = 1 ORDER BY updated_at DESC LIMIT ?", (limit,))
@@ -355,22 +443,6 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / name
 
-    def enqueue(
-        self, study_instance_uid: str, task: str, paths: list[Path], destinations: list[str]
-    ) -> int:
-        """Queue every output for every destination (in one transaction)."""
-        now = self._clock()
-        with self._transaction() as db:
-            for destination in destinations:
-                for path in paths:
-                    db.execute(
-                        "INSERT INTO outbox (study_instance_uid, task, path, destination, state, "
-                        "next_attempt_at, created_at, updated_at) "
-                        "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
-                        (study_instance_uid, task, str(path), destination, now, now, now),
-                    )
-        return len(paths) * len(destinations)
-
     def due(self, limit: int = 50) -> list[OutboxItem]:
         return self._outbox(
             "state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?", (self._clock(), limit)
@@ -388,10 +460,20 @@ class Spool:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, study_instance_uid, task, path, destination, attempts, state, "
-                f"last_error FROM outbox WHERE {where}",
+                f"last_error, created_at FROM outbox WHERE {where}",
                 params,
             ).fetchall()
-        return [OutboxItem(r[0], r[1], r[2], Path(r[3]), r[4], r[5], r[6], r[7]) for r in rows]
+        return [
+            OutboxItem(r[0], r[1], r[2], Path(r[3]), r[4], r[5], r[6], r[7], r[8]) for r in rows
+        ]
+
+    def next_due(self) -> float | None:
+        """When the earliest pending send is due, or None when nothing is pending."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT MIN(next_attempt_at) FROM outbox WHERE state = 'pending'"
+            ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
 
     def mark_sent(self, item_id: int) -> None:
         with self._transaction() as db:

@@ -13,32 +13,23 @@ import pytest
 import torch
 
 from dicom_node.cli import main as node_main
-from dicom_node.config import DestinationConfig, SendConfig
+from dicom_node.config import DestinationConfig, NodeConfig, SendConfig
 from dicom_node.models.backbones import build_backbone
 from dicom_node.models.bundle import save_bundle
 from dicom_node.models.codes import card_classes
-from dicom_node.receive import ScpSettings, StorageScp
+from dicom_node.receive import StorageScp
 from dicom_node.send import Sender
 from dicom_node.store import Spool
 from tests.conftest import make_set
+from tests.factories import MemorySink, queue_outputs
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class MemorySink:
-    def __init__(self) -> None:
-        self.stored: dict[str, bytes] = {}
-
-    def store(self, encoded: bytes, *, sop_instance_uid: str, **_: str) -> bool:
-        new = sop_instance_uid not in self.stored
-        self.stored[sop_instance_uid] = encoded
-        return new
 
 
 @pytest.fixture
 def pacs() -> Iterator[tuple[StorageScp, MemorySink]]:
     sink = MemorySink()
-    scp = StorageScp(ScpSettings(ae_title="PACS", host="127.0.0.1", port=0), sink)
+    scp = StorageScp(NodeConfig(ae_title="PACS", host="127.0.0.1", port=0), sink)
     scp.start()
     yield scp, sink
     scp.stop()
@@ -131,7 +122,7 @@ def test_sender_delivers_retries_and_dead_letters(
     good = DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=scp.port)
     bad = DestinationConfig(name="down", ae_title="PACS", host="127.0.0.1", port=1)
     policy = SendConfig(max_attempts=2, backoff_initial_s=0.01, backoff_max_s=0.01)
-    spool.enqueue("1.2.3", "hip", paths, ["pacs", "down"])
+    queue_outputs(spool, "1.2.3", paths, ["pacs", "down"])
     sender = Sender(spool, [good, bad], policy, "ORTHONODE")
     assert sender.step() == 4
     for path in paths:
@@ -149,7 +140,7 @@ def test_sender_delivers_retries_and_dead_letters(
 
 def test_status_and_retry_dead_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spool = Spool(tmp_path / "spool")
-    spool.enqueue("1.2.3", "knee", [tmp_path / "x.dcm"], ["pacs"])
+    queue_outputs(spool, "1.2.3", [tmp_path / "x.dcm"], ["pacs"])
     [item] = spool.due()
     spool.mark_failed(item.id, "C-STORE status 0xA700", None)
     spool.close()

@@ -25,50 +25,18 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 
-from dicom_node.errors import StorageFullError
+from dicom_node.config import NodeConfig, PeerConfig
 from dicom_node.receive import (
     STORAGE_SOP_CLASSES,
     TRANSFER_SYNTAXES,
-    Peer,
-    ScpSettings,
     StorageScp,
 )
 from tests.conftest import make_set, require_tool
+from tests.factories import MemorySink
 
 VERIFICATION = "1.2.840.10008.1.1"
 SCU_AE_TITLE = "TESTSCU"
 TIMEOUT_S = 10.0
-
-
-class MemorySink:
-    """An in-memory InstanceSink: SOP Instance UID → file bytes; can pretend the disk is full."""
-
-    def __init__(self, full: bool = False) -> None:
-        self.full = full
-        self.instances: dict[str, bytes] = {}
-        self.calls: list[tuple[str, bool]] = []  # (sop_instance_uid, returned new?)
-        self.calling_ae_titles: list[str] = []
-        self._lock = threading.Lock()
-
-    def store(
-        self,
-        encoded: bytes,
-        *,
-        sop_class_uid: str,
-        sop_instance_uid: str,
-        study_instance_uid: str,
-        series_instance_uid: str,
-        calling_ae_title: str,
-    ) -> bool:
-        if self.full:
-            raise StorageFullError(f"no room for {sop_instance_uid}")
-        with self._lock:
-            is_new = sop_instance_uid not in self.instances
-            if is_new:
-                self.instances[sop_instance_uid] = encoded
-            self.calls.append((sop_instance_uid, is_new))
-            self.calling_ae_titles.append(calling_ae_title)
-        return is_new
 
 
 # -- fixtures -------------------------------------------------------------------------------
@@ -104,17 +72,19 @@ def start_scp() -> Iterator[Callable[..., StorageScp]]:
     def start(
         sink: MemorySink,
         on_stored: Callable[[str, str], None] | None = None,
+        peers: Sequence[PeerConfig] = (),
         **settings: object,
     ) -> StorageScp:
         options: dict[str, object] = {
             "host": "127.0.0.1",
             "port": 0,
-            "acse_timeout": TIMEOUT_S,
-            "dimse_timeout": TIMEOUT_S,
-            "network_timeout": TIMEOUT_S,
+            "acse_timeout_s": TIMEOUT_S,
+            "dimse_timeout_s": TIMEOUT_S,
+            "network_timeout_s": TIMEOUT_S,
             **settings,
         }
-        scp = StorageScp(ScpSettings(**options), sink, on_stored=on_stored)  # type: ignore[arg-type]
+        node = NodeConfig.model_validate(options)
+        scp = StorageScp(node, sink, peers=peers, on_stored=on_stored)
         scp.start()
         started.append(scp)
         return scp
@@ -182,13 +152,39 @@ def rejection(assoc: Association) -> tuple[int, int, int]:
 # -- constants ------------------------------------------------------------------------------
 
 
-def test_accepted_sop_classes_and_transfer_syntaxes() -> None:
-    assert len(STORAGE_SOP_CLASSES) == 7
-    assert CTImageStorage not in STORAGE_SOP_CLASSES
-    assert "1.2.840.10008.5.1.4.1.1.7" not in STORAGE_SOP_CLASSES  # Secondary Capture
-    assert JPEG2000Lossless in TRANSFER_SYNTAXES
-    assert ExplicitVRBigEndian not in TRANSFER_SYNTAXES
-    assert len(set(TRANSFER_SYNTAXES)) == len(TRANSFER_SYNTAXES) == 12
+def test_negotiation_accepts_projection_radiography_only(scp: StorageScp) -> None:
+    """Proposed every storage SOP class pynetdicom knows, the SCP accepts exactly the
+    projection radiographs (named so by the standard's UID dictionary, not by our constant)."""
+    import re
+
+    from pydicom.uid import UID
+    from pynetdicom import StoragePresentationContexts
+
+    projection = re.compile(
+        r"^(Computed Radiography|Digital (Mammography |Intra-Oral )?X-Ray) Image Storage"
+    )
+    proposed = [cx.abstract_syntax for cx in StoragePresentationContexts]
+    expected = {uid for uid in proposed if projection.match(UID(uid).name)}
+    assert len(expected) >= 7 and CTImageStorage not in expected
+    accepted: set[str] = set()
+    for start in range(0, len(proposed), 120):  # at most 128 contexts per association
+        chunk = [(uid, [ExplicitVRLittleEndian]) for uid in proposed[start : start + 120]]
+        with association(scp.port, chunk) as assoc:
+            assert assoc.is_established
+            accepted |= {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    assert accepted == expected
+    assert set(STORAGE_SOP_CLASSES) == expected
+
+
+@pytest.mark.parametrize(
+    ("syntax", "accepted"),
+    [(JPEG2000Lossless, True), (ExplicitVRLittleEndian, True), (ExplicitVRBigEndian, False)],
+)
+def test_negotiation_of_transfer_syntaxes(scp: StorageScp, syntax: str, accepted: bool) -> None:
+    with association(scp.port, dx_contexts(syntax)) as assoc:
+        # pynetdicom aborts an association in which no context was accepted.
+        assert (assoc.is_established and bool(assoc.accepted_contexts)) is accepted
+    assert (syntax in TRANSFER_SYNTAXES) is accepted
 
 
 # -- C-ECHO and C-STORE ---------------------------------------------------------------------
@@ -348,17 +344,26 @@ def test_wrong_called_ae_title_is_rejected(scp: StorageScp) -> None:
 @pytest.mark.parametrize(
     ("peers", "accepted"),
     [
-        ((Peer("PACS"), Peer(SCU_AE_TITLE)), True),
-        ((Peer(SCU_AE_TITLE, "127.0.0.1"),), True),
-        ((Peer("PACS"),), False),
-        ((Peer(SCU_AE_TITLE, "192.0.2.7"),), False),  # listed, but from another host
-        ((Peer(SCU_AE_TITLE, "192.0.2.7"), Peer(SCU_AE_TITLE, "127.0.0.1")), True),
+        ((PeerConfig(ae_title="PACS"), PeerConfig(ae_title=SCU_AE_TITLE)), True),
+        ((PeerConfig(ae_title=SCU_AE_TITLE, host="127.0.0.1"),), True),
+        ((PeerConfig(ae_title="PACS"),), False),
+        (
+            (PeerConfig(ae_title=SCU_AE_TITLE, host="192.0.2.7"),),
+            False,
+        ),  # listed, but from another host
+        (
+            (
+                PeerConfig(ae_title=SCU_AE_TITLE, host="192.0.2.7"),
+                PeerConfig(ae_title=SCU_AE_TITLE, host="127.0.0.1"),
+            ),
+            True,
+        ),
     ],
 )
 def test_peers_allow_list(
     start_scp: Callable[..., StorageScp],
     sink: MemorySink,
-    peers: tuple[Peer, ...],
+    peers: tuple[PeerConfig, ...],
     accepted: bool,
 ) -> None:
     scp = start_scp(sink, peers=peers)
@@ -445,7 +450,7 @@ def test_dcmtk_storescu_is_rejected_by_the_allow_list(
     start_scp: Callable[..., StorageScp], sink: MemorySink, dx_file: Path
 ) -> None:
     storescu = require_tool("storescu")
-    scp = start_scp(sink, peers=(Peer("PACS"),))
+    scp = start_scp(sink, peers=(PeerConfig(ae_title="PACS"),))
     command = [storescu, "-aet", SCU_AE_TITLE, "-aec", "ORTHONODE", "127.0.0.1", str(scp.port)]
     result = subprocess.run([*command, str(dx_file)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0

@@ -9,10 +9,10 @@ import pytest
 
 from dicom_node.config import load_config
 from dicom_node.infer import Predictor
-from dicom_node.service import load_bundles
+from dicom_node.models.bundle import load_bundles
 from tests.conftest import make_set
 from train.data import read_dataset
-from train.evaluate import study_jobs
+from train.predict import study_jobs
 
 ROOT = Path(__file__).resolve().parents[2]
 

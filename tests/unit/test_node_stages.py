@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,9 @@ import pydicom
 import pytest
 import torch
 
-from dicom_node.assemble import Assembler, is_ready, latest_views
+from dicom_node.assemble import Assembler
 from dicom_node.config import RoutingRule, SendConfig, load_config, parse_ae_address
-from dicom_node.domain import InstanceRef, RoutedView
+from dicom_node.domain import InstanceRef, Outputs, RoutedView, StudyJob, latest_indices
 from dicom_node.errors import BundleError, ConfigError, StorageFullError, StoreError
 from dicom_node.infer import Predictor, fuse
 from dicom_node.models.backbones import build_backbone
@@ -25,14 +26,7 @@ from dicom_node.route import normalise_body_part, normalise_view, route
 from dicom_node.send import backoff_delay
 from dicom_node.store import Spool
 from tests.conftest import make_set
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
+from tests.factories import FakeClock, queue_outputs
 
 
 # -- config --------------------------------------------------------------------------------
@@ -60,14 +54,58 @@ def test_config_rejects_invalid_yaml_and_unknown_tasks(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
     path.write_text("tasks:\n  elbow:\n    bundle: weights/elbow\n")
+    with pytest.raises(ConfigError, match=r"elbow.*spec"):
+        load_config(path)
+    path.write_text("routing:\n  - {task: elbow, body_part: [ELBOW]}\n")
     with pytest.raises(ConfigError, match="elbow"):
         load_config(path)
 
 
+def test_routing_defaults_come_from_the_task_specs(tmp_path: Path) -> None:
+    from dicom_node.tasks import builtin_tasks
+
+    config = load_config(None, base=tmp_path)
+    assert [(r.task, r.body_part) for r in config.routing] == [
+        (name, spec.routing.body_part) for name, spec in builtin_tasks().items()
+    ]
+    path = tmp_path / "conf.yaml"
+    path.write_text("tasks:\n  hip: {bundle: weights/hip, enabled: false}\n")
+    assert [r.task for r in load_config(path).routing] == []
+
+
 def test_shipped_conf_yaml_is_valid() -> None:
+    """The shipped file parses, and what it sets is what it says (not just the defaults)."""
     root = Path(__file__).resolve().parents[2]
+    text = (root / "conf.yaml").read_text()
     config = load_config(root / "conf.yaml")
-    assert config.node.ae_title and config.tasks
+    for key, value in (
+        ("ae_title", config.node.ae_title),
+        ("port", config.node.port),
+        ("http_port", config.node.http_port),
+        ("max_associations", config.node.max_associations),
+        ("min_free_mb", config.spool.min_free_mb),
+        ("stable_after_s", config.assembly.stable_after_s),
+        ("max_attempts", config.send.max_attempts),
+    ):
+        rendered = f"{value:g}" if isinstance(value, float) else str(value)
+        assert f"{key}: {rendered}" in text, key
+    assert {name: task.bundle for name, task in config.tasks.items()} == {
+        name: root / "weights" / name for name in ("knee", "hip", "spine")
+    }
+    assert config.spool.directory == root / "spool"  # relative to the file
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "conf.yaml"
+    path.write_text("node:\n  ae_title: FROMFILE\n  port: 104\n")
+    monkeypatch.setenv("ORTHONODE_NODE__AE_TITLE", "FROMENV")
+    monkeypatch.setenv("ORTHONODE_SPOOL__MIN_FREE_MB", "7")
+    config = load_config(path)
+    assert config.node.ae_title == "FROMENV" and config.node.port == 104
+    assert config.spool.min_free_mb == 7
+    monkeypatch.setenv("ORTHONODE_NODE__PORT", "not-a-port")
+    with pytest.raises(ConfigError, match=r"node\.port"):
+        load_config(path)
 
 
 def test_parse_ae_address() -> None:
@@ -224,21 +262,17 @@ def test_spool_concurrent_stores(tmp_path: Path) -> None:
 
 
 # -- assembly ------------------------------------------------------------------------------
-def test_is_ready() -> None:
-    assert is_ready("knee", {"AP", "LAT"}, 100.0, 100.0, 10.0)
-    assert not is_ready("knee", {"AP"}, 100.0, 105.0, 10.0)
-    assert is_ready("knee", {"AP"}, 100.0, 110.0, 10.0)
-    assert is_ready("hip", {"AP"}, 100.0, 100.0, 10.0)
-    assert not is_ready("spine", set(), 0.0, 1e9, 10.0)
-
-
-def test_latest_views_keeps_the_last_of_each_view() -> None:
+def test_latest_indices_pick_the_last_image_of_each_view() -> None:
     def view(uid: str, name: str) -> RoutedView:
         ref = InstanceRef(uid, "1.2", "9.9", "9.8", Path(uid))
         return RoutedView(ref, "knee", name)
 
-    chosen = latest_views([view("1", "LAT"), view("2", "AP"), view("3", "LAT")])
-    assert [v.instance.sop_instance_uid for v in chosen] == ["2", "3"]
+    views = (view("1", "AP"), view("2", "LAT"), view("3", "LAT"))
+    assert latest_indices(views) == (0, 2)
+    assert latest_indices(views[:1]) == (0,)
+
+
+KNEE_VIEWS = {"knee": ("AP", "LAT")}
 
 
 def test_assembler_routes_and_promotes(tmp_path: Path) -> None:
@@ -249,7 +283,7 @@ def test_assembler_routes_and_promotes(tmp_path: Path) -> None:
     unmatched = []
     rules = [r for r in load_config(None).routing if r.task == "knee"]
     assembler = Assembler(
-        spool, rules, {"knee"}, 10.0, clock, on_unmatched=lambda: unmatched.append(1)
+        spool, rules, KNEE_VIEWS, 10.0, clock, on_unmatched=lambda: unmatched.append(1)
     )
     (ap_bytes, ap), (lat_bytes, lat) = _instance_bytes(knee)
     _store(spool, ap_bytes, ap)
@@ -257,39 +291,127 @@ def test_assembler_routes_and_promotes(tmp_path: Path) -> None:
     _store(spool, hip_bytes, hip)
     assert assembler.route_new() == 2
     assert len(unmatched) == 1  # the hip matches no knee rule: ignored, counted
-    assert assembler.promote_ready() == []  # AP only, not quiet long enough
+    assert assembler.promote() == 0  # AP only, not quiet long enough
+    assert spool.claim_ready(8) == []
     _store(spool, lat_bytes, lat)
     assembler.route_new()
-    [job] = assembler.promote_ready()
+    assert assembler.promote() == 1
+    [job] = spool.claim_ready(8)
     assert job.task == "knee" and [v.view for v in job.views] == ["AP", "LAT"]
     assert job.views[0].laterality in ("R", "L")
-    assert spool.studies_in("ready")[0].study_instance_uid == ap.StudyInstanceUID
-    # Processed, then another instance arrives: a new version is collected.
-    spool.set_study_state(ap.StudyInstanceUID, "knee", "done")
+    assert spool.study(ap.StudyInstanceUID, "knee").state == "processing"  # type: ignore[union-attr]
+    assert spool.claim_ready(8) == []  # claimed once
+    assert spool.complete(job, [tmp_path / "sr.dcm"], ["pacs"])
+    # Processed, then another AP arrives: a new version with every image.
     copy = pydicom.dcmread(knee / "dicom" / ap.PatientID / "01_AP.dcm")
     copy.SOPInstanceUID = pydicom.uid.generate_uid()
     path = tmp_path / "again.dcm"
     copy.save_as(path)
     _store(spool, path.read_bytes(), copy)
     assembler.route_new()
-    [job2] = assembler.promote_ready()
+    assert assembler.promote() == 1
+    [job2] = spool.claim_ready(8)
     assert job2.version == 2
-    assert job2.views[0].instance.sop_instance_uid == copy.SOPInstanceUID
+    assert [v.instance.sop_instance_uid for v in job2.views] == [
+        ap.SOPInstanceUID,
+        copy.SOPInstanceUID,
+        lat.SOPInstanceUID,
+    ]
+    assert latest_indices(job2.views) == (1, 2)
 
 
 def test_assembler_quiet_period(tmp_path: Path) -> None:
     knee = make_set(tmp_path, "k", task="knee", patients=1, seed=4)
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
-    assembler = Assembler(spool, load_config(None).routing, {"knee"}, 10.0, clock)
+    assembler = Assembler(spool, load_config(None).routing, KNEE_VIEWS, 10.0, clock)
     (ap_bytes, ap), _ = _instance_bytes(knee)
     _store(spool, ap_bytes, ap)
     assembler.route_new()
     clock.now += 9.9
-    assert assembler.promote_ready() == []
+    assert assembler.seconds_to_next_deadline() == pytest.approx(0.1)
+    assert assembler.promote() == 0
     clock.now += 0.2
-    [job] = assembler.promote_ready()
+    assert assembler.promote() == 1
+    [job] = spool.claim_ready(8)
     assert [v.view for v in job.views] == ["AP"]
+    assert assembler.seconds_to_next_deadline() is None
+
+
+def test_required_views_come_from_the_bundle(tmp_path: Path) -> None:
+    """A knee bundle trained on AP alone makes an AP-only knee study ready at once."""
+    knee = make_set(tmp_path, "k", task="knee", patients=1, seed=4)
+    clock = FakeClock()
+    spool = Spool(tmp_path / "spool", clock=clock)
+    assembler = Assembler(spool, load_config(None).routing, {"knee": ("AP",)}, 10.0, clock)
+    (ap_bytes, ap), _ = _instance_bytes(knee)
+    _store(spool, ap_bytes, ap)
+    assembler.route_new()
+    assert assembler.promote() == 1
+
+
+def test_late_instance_while_processing_opens_a_new_version(tmp_path: Path) -> None:
+    """The old race, step by step: AP + LAT claimed, a second LAT routed while processing.
+
+    Before the fix, ``mark_routed`` only bumped the study's time and the completion of
+    version 1 succeeded, so the second LAT was acknowledged and never analysed.
+    """
+    knee = make_set(tmp_path, "k", task="knee", patients=1, seed=6)
+    clock = FakeClock()
+    spool = Spool(tmp_path / "spool", clock=clock)
+    assembler = Assembler(spool, load_config(None).routing, KNEE_VIEWS, 10.0, clock)
+    (ap_bytes, ap), (lat_bytes, lat) = _instance_bytes(knee)
+    _store(spool, ap_bytes, ap)
+    _store(spool, lat_bytes, lat)
+    assembler.route_new()
+    assembler.promote()
+    [job1] = spool.claim_ready(8)
+    assert job1.version == 1 and len(job1.views) == 2
+    # ... the inference worker is busy with job1; the second LAT is stored and routed.
+    late = pydicom.dcmread(knee / "dicom" / ap.PatientID / "02_LAT.dcm")
+    late.SOPInstanceUID = pydicom.uid.generate_uid()
+    path = tmp_path / "late.dcm"
+    late.save_as(path)
+    clock.now += 0.3
+    _store(spool, path.read_bytes(), late)
+    assembler.route_new()
+    study = spool.study(ap.StudyInstanceUID, "knee")
+    assert study is not None and (study.state, study.version) == ("collecting", 2)
+    # Version 1 finishes: its completion is refused and queues nothing.
+    assert not spool.complete(job1, [tmp_path / "v1-sr.dcm"], ["pacs"])
+    assert spool.due() == []
+    assert not spool.fail(job1, "too late to fail either")
+    assert assembler.promote() == 1
+    [job2] = spool.claim_ready(8)
+    assert job2.version == 2
+    assert {v.instance.sop_instance_uid for v in job2.views} == {
+        ap.SOPInstanceUID,
+        lat.SOPInstanceUID,
+        late.SOPInstanceUID,
+    }
+    assert spool.complete(job2, [tmp_path / "v2-sr.dcm"], ["pacs"])
+    assert [item.path.name for item in spool.due()] == ["v2-sr.dcm"]
+    assert spool.study(ap.StudyInstanceUID, "knee").state == "done"  # type: ignore[union-attr]
+
+
+def test_an_instance_for_a_ready_study_joins_its_job(tmp_path: Path) -> None:
+    knee = make_set(tmp_path, "k", task="knee", patients=1, seed=7)
+    clock = FakeClock()
+    spool = Spool(tmp_path / "spool", clock=clock)
+    assembler = Assembler(spool, load_config(None).routing, KNEE_VIEWS, 10.0, clock)
+    (ap_bytes, ap), (lat_bytes, lat) = _instance_bytes(knee)
+    _store(spool, ap_bytes, ap)
+    _store(spool, lat_bytes, lat)
+    assembler.route_new()
+    assembler.promote()
+    extra = pydicom.dcmread(knee / "dicom" / ap.PatientID / "02_LAT.dcm")
+    extra.SOPInstanceUID = pydicom.uid.generate_uid()
+    path = tmp_path / "extra.dcm"
+    extra.save_as(path)
+    _store(spool, path.read_bytes(), extra)
+    assembler.route_new()  # the study is 'ready', not yet claimed: same version
+    [job] = spool.claim_ready(8)
+    assert job.version == 1 and len(job.views) == 3
 
 
 def test_resume_requeues_interrupted_jobs(tmp_path: Path) -> None:
@@ -297,12 +419,16 @@ def test_resume_requeues_interrupted_jobs(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     [(data, ds)] = _instance_bytes(knee)
     _store(spool, data, ds)
-    Assembler(spool, load_config(None).routing, {"hip"}, 10.0, spool._clock).route_new()
-    spool.set_study_state(ds.StudyInstanceUID, "hip", "processing")
+    assembler = Assembler(spool, load_config(None).routing, {"hip": ("AP",)}, 10.0, spool._clock)
+    assembler.route_new()
+    assembler.promote()
+    [job] = spool.claim_ready(8)
     spool.close()
     reopened = Spool(tmp_path / "spool")
     assert reopened.resume() == 1
     assert [s.state for s in reopened.recent_studies()] == ["ready"]
+    [again] = reopened.claim_ready(8)
+    assert again == job
 
 
 # -- outbox --------------------------------------------------------------------------------
@@ -314,7 +440,7 @@ def test_backoff_grows_and_gives_up() -> None:
 def test_outbox_retry_and_dead_letter(tmp_path: Path) -> None:
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
-    spool.enqueue("1.2.3", "knee", [tmp_path / "a.dcm", tmp_path / "b.dcm"], ["pacs"])
+    queue_outputs(spool, "1.2.3", [tmp_path / "a.dcm", tmp_path / "b.dcm"], ["pacs"])
     first, second = spool.due()
     spool.mark_sent(first.id)
     spool.mark_failed(second.id, "refused", retry_in_s=30)
@@ -387,8 +513,6 @@ def test_predictor_matches_the_model_and_batches(tmp_path: Path) -> None:
     folder = make_set(tmp_path, "h", task="hip", patients=2, seed=5)
     with (folder / "manifest.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    from dicom_node.domain import StudyJob
-
     jobs = []
     for row in rows:
         ref = InstanceRef(
@@ -458,33 +582,47 @@ def test_explain_maps_saliency_to_the_source_grid(tmp_path: Path, method: str) -
 
 
 def test_a_failing_study_does_not_fail_the_batch(tmp_path: Path) -> None:
-    """The inference worker isolates a study that breaks, marks it failed, finishes the rest."""
-    from dicom_node.metrics import Metrics
-    from dicom_node.service import Service
+    """The pipeline isolates a study that breaks, marks it failed, finishes the rest."""
+    from dicom_node.pipeline import Pipeline
 
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
     folder = make_set(tmp_path, "h", task="hip", patients=3, seed=8)
     for data, ds in _instance_bytes(folder):
         _store(spool, data, ds)
-    assembler = Assembler(spool, load_config(None).routing, {"hip"}, 10.0, clock)
+    assembler = Assembler(spool, load_config(None).routing, {"hip": ("AP",)}, 10.0, clock)
     assembler.route_new()
-    ready = assembler.promote_ready()
-    assert len(ready) == 3
-    bad = ready[1].study_instance_uid
+    assert assembler.promote() == 3
+    jobs = spool.claim_ready(8)
+    bad = jobs[1].study_instance_uid
+    runs: list[int] = []
+    failed: list[str] = []
 
-    class Pipeline:
-        def run(self, jobs: list[object]) -> list[object]:
-            if any(j.study_instance_uid == bad for j in jobs):  # type: ignore[attr-defined]
+    class Failing(Pipeline):
+        def run(self, jobs: Sequence[StudyJob]) -> list[Outputs]:
+            runs.append(len(jobs))
+            if any(j.study_instance_uid == bad for j in jobs):
                 raise RuntimeError("PatientName 'PHANTOM^HIP' is not allowed")
-            return []
+            for job in jobs:
+                assert self.spool.complete(job, [], [])
+            return [Outputs(j.study_instance_uid, j.task, Path("sr.dcm"), ()) for j in jobs]
 
-    service = Service(load_config(None, base=tmp_path))
-    service.spool, service.assembler, service.metrics = spool, assembler, Metrics()
-    service.pipeline = Pipeline()  # type: ignore[assignment]
-    service._infer_loop()
+    pipeline = Failing(
+        predictor=None,  # type: ignore[arg-type]
+        spool=spool,
+        specs={},
+        destinations=[],
+        build_structured_report=lambda *a, **k: None,  # type: ignore[arg-type,return-value]
+        build_secondary_capture=lambda *a, **k: None,  # type: ignore[arg-type,return-value]
+        on_failed=failed.append,
+    )
+    outputs = pipeline.process(jobs)
+    assert runs == [3, 1, 1, 1]  # the batch, then one by one
+    assert sorted(o.study_instance_uid for o in outputs) == sorted(
+        j.study_instance_uid for j in jobs if j.study_instance_uid != bad
+    )
     states = {s.study_instance_uid: s for s in spool.recent_studies()}
-    assert states[bad].state == "failed"
+    assert states[bad].state == "failed" and failed == ["hip"]
     assert "PHANTOM" not in (states[bad].error or "")  # no identifiers in the stored reason
     assert "RuntimeError" in (states[bad].error or "")
     assert sorted(s.state for s in states.values()) == ["done", "done", "failed"]

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from dicom_node.tasks import builtin_task
 from train.synth.xray import Canvas
 
 __all__ = [
@@ -30,8 +31,10 @@ __all__ = [
     "sample_design",
 ]
 
-CLASSES: tuple[str, ...] = ("well-fixed", "loose")
-VIEWS: tuple[str, ...] = ("AP",)
+_SPEC = builtin_task("hip")
+#: The task's classes and views, as its spec (dicom_node/tasks.yaml) names them.
+CLASSES: tuple[str, ...] = tuple(c.name for c in _SPEC.classes)
+VIEWS: tuple[str, ...] = tuple(_SPEC.views)
 SUPPORTED_VIEWS: tuple[str, ...] = ("AP", "LAT")
 FIELD_OF_VIEW_MM = 260.0
 STEM_DESIGNS: tuple[str, ...] = ("taper-wedge", "fit-and-fill", "anatomic", "short")

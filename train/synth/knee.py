@@ -8,6 +8,9 @@ within-class variation. They are not the manufacturers' geometry.
 
 Anatomy frame: millimetres, origin at the centre of the joint line, y towards the feet. In the
 AP view +x is the medial side of a right knee; in the lateral view +x is anterior.
+
+It is one file because it is one generator of one anatomy: the families, the bones and both
+views share one anatomy frame, and splitting the phantom's parts would scatter one geometry.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from dicom_node.tasks import builtin_task
 from train.synth.xray import Canvas, draw_family
 
 __all__ = [
@@ -28,15 +32,10 @@ __all__ = [
     "sample_design",
 ]
 
-CLASSES: tuple[str, ...] = (
-    "Exactech Optetrak Logic",
-    "Maxx Freedom Knee",
-    "Smith & Nephew Legion",
-    "Stryker NRG",
-    "Zimmer LPS",
-    "Zimmer Persona",
-)
-VIEWS: tuple[str, ...] = ("AP", "LAT")
+_SPEC = builtin_task("knee")
+#: The task's classes and views, as its spec (dicom_node/tasks.yaml) names them.
+CLASSES: tuple[str, ...] = tuple(c.name for c in _SPEC.classes)
+VIEWS: tuple[str, ...] = tuple(_SPEC.views)
 SUPPORTED_VIEWS = VIEWS
 #: Detector field of view (mm) for the default matrix; the patient plane is smaller by the
 #: magnification.

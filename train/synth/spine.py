@@ -11,6 +11,9 @@ Mask labels: 1 screws (shaft and head), 2 rods and crosslinks.
 
 Anatomy frame: millimetres, origin at the middle of the instrumented segment, y towards the feet;
 +x is the patient's left (AP) or anterior (lateral).
+
+It is one file because it is one generator of one anatomy: the brands, the vertebrae and both
+views share one anatomy frame, and splitting the phantom's parts would scatter one geometry.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from dicom_node.tasks import builtin_task
 from train.synth.xray import Canvas, draw_family
 
 __all__ = [
@@ -32,16 +36,10 @@ __all__ = [
     "sample_design",
 ]
 
-CLASSES: tuple[str, ...] = (
-    "A-Spine EVO",
-    "Armstrong",
-    "CDH",
-    "Expedium",
-    "Gezen",
-    "NOVA",
-    "Xia 3",
-)
-VIEWS: tuple[str, ...] = ("AP", "LAT")
+_SPEC = builtin_task("spine")
+#: The task's classes and views, as its spec (dicom_node/tasks.yaml) names them.
+CLASSES: tuple[str, ...] = tuple(c.name for c in _SPEC.classes)
+VIEWS: tuple[str, ...] = tuple(_SPEC.views)
 SUPPORTED_VIEWS = VIEWS
 FIELD_OF_VIEW_MM = 330.0
 SCREW_LABEL = 1

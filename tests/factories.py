@@ -1,0 +1,209 @@
+"""Shared test doubles and builders: a memory sink, a clock, tiny bundles, jobs from a manifest.
+
+Real parts stay real (the spool is SQLite on a temporary folder, the SCP listens on 127.0.0.1);
+these stand in only for what a test is not about: a PACS's storage, the wall clock, trained
+weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import threading
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import torch
+
+from dicom_node.domain import InstanceRef, RoutedView, StudyJob
+from dicom_node.errors import StorageFullError
+from dicom_node.models.backbones import build_backbone
+from dicom_node.models.bundle import Bundle, load_bundle, save_bundle
+from dicom_node.models.codes import card_classes
+from dicom_node.store import Spool
+
+__all__ = [
+    "FakeClock",
+    "MemorySink",
+    "RecordingPacs",
+    "instance_bytes",
+    "jobs_from_manifest",
+    "manifest_rows",
+    "queue_outputs",
+    "referenced_instances",
+    "store_file",
+    "tiny_bundle",
+]
+
+
+class FakeClock:
+    """A clock that moves only when the test says so (``clock.now += 5``)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MemorySink:
+    """An in-memory InstanceSink: SOP Instance UID → file bytes; can pretend the disk is full."""
+
+    def __init__(self, full: bool = False) -> None:
+        self.full = full
+        self.instances: dict[str, bytes] = {}
+        self.calls: list[tuple[str, bool]] = []  # (sop_instance_uid, returned new?)
+        self.calling_ae_titles: list[str] = []
+        self._lock = threading.Lock()
+
+    @property
+    def stored(self) -> dict[str, bytes]:
+        return self.instances
+
+    def store(
+        self,
+        encoded: bytes,
+        *,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        study_instance_uid: str,
+        series_instance_uid: str,
+        calling_ae_title: str = "",
+    ) -> bool:
+        if self.full:
+            raise StorageFullError(f"no room for {sop_instance_uid}")
+        with self._lock:
+            is_new = sop_instance_uid not in self.instances
+            if is_new:
+                self.instances[sop_instance_uid] = encoded
+            self.calls.append((sop_instance_uid, is_new))
+            self.calling_ae_titles.append(calling_ae_title)
+        return is_new
+
+
+def manifest_rows(folder: Path) -> list[dict[str, str]]:
+    with (folder / "manifest.csv").open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def instance_bytes(folder: Path) -> list[tuple[bytes, pydicom.Dataset]]:
+    """Each file of a phantom set: its bytes and its header, in manifest order."""
+    paths = [folder / row["path"] for row in manifest_rows(folder)]
+    return [(p.read_bytes(), pydicom.dcmread(p, stop_before_pixels=True)) for p in paths]
+
+
+def store_file(spool: Spool, data: bytes, ds: pydicom.Dataset) -> bool:
+    """Store one instance as the SCP would."""
+    return spool.store(
+        data,
+        sop_class_uid=ds.SOPClassUID,
+        sop_instance_uid=ds.SOPInstanceUID,
+        study_instance_uid=ds.StudyInstanceUID,
+        series_instance_uid=ds.SeriesInstanceUID,
+        calling_ae_title="TEST",
+    )
+
+
+def queue_outputs(
+    spool: Spool, study_instance_uid: str, paths: list[Path], destinations: list[str]
+) -> None:
+    """Queue outputs the way the pipeline does: a claimed job, completed."""
+    spool._db.execute(
+        "INSERT INTO studies (study_instance_uid, task, state, version, last_received_at, "
+        "updated_at) VALUES (?, 'knee', 'processing', 1, 0, 0)",
+        (study_instance_uid,),
+    )
+    assert spool.complete(StudyJob(study_instance_uid, "knee", ()), paths, destinations)
+
+
+def jobs_from_manifest(folder: Path, task: str) -> list[StudyJob]:
+    """One job per study of a phantom set, with the manifest's views and lateralities."""
+    studies: dict[str, list[RoutedView]] = {}
+    for row in manifest_rows(folder):
+        ref = InstanceRef(
+            row["sop_instance_uid"],
+            "",
+            row["study_instance_uid"],
+            row["series_instance_uid"],
+            folder / row["path"],
+        )
+        studies.setdefault(row["study_instance_uid"], []).append(
+            RoutedView(ref, task, row["view"], row.get("laterality") or None)
+        )
+    return [StudyJob(uid, task, tuple(views)) for uid, views in studies.items()]
+
+
+def tiny_bundle(
+    path: Path,
+    task: str = "hip",
+    *,
+    backbone: str = "mobilenet_v3_small",
+    classes: list[dict[str, str]] | None = None,
+    seed: int = 0,
+    **card: Any,
+) -> Bundle:
+    """A bundle with random weights (64 px unless told), written to ``path`` and loaded."""
+    torch.manual_seed(seed)
+    classes = classes if classes is not None else card_classes(task)
+    fields: dict[str, Any] = {
+        "task": task,
+        "name": f"test {task}",
+        "version": "0.0.1-test",
+        "device_uid": "2.25.1",
+        "classes": classes,
+        "backbone": backbone,
+        "input_size": 64,
+        **card,
+    }
+    if backbone.startswith("orthonode_cnn"):
+        fields.setdefault("channels", 1)
+        fields.setdefault("normalisation", "standardise")
+    save_bundle(path, build_backbone(backbone, len(classes)), fields)
+    return load_bundle(path)
+
+
+class RecordingPacs:
+    """A Storage SCP on 127.0.0.1 that accepts every storage SOP class and keeps what it gets
+    (the destination of a node under test: SRs and Secondary Captures included)."""
+
+    def __init__(self, ae_title: str = "PACS") -> None:
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+
+        self.ae_title = ae_title
+        self.received: list[pydicom.Dataset] = []
+        self._lock = threading.Lock()
+        ae = AE(ae_title=ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        self._server = ae.start_server(
+            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
+        self.port = int(self._server.server_address[1])
+
+    def _store(self, event: Any) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        with self._lock:
+            self.received.append(ds)
+        return 0x0000
+
+    def of_study(self, study_instance_uid: str, modality: str | None = None) -> list[Any]:
+        with self._lock:
+            return [
+                ds
+                for ds in self.received
+                if ds.StudyInstanceUID == study_instance_uid
+                and (modality is None or ds.Modality == modality)
+            ]
+
+    def stop(self) -> None:
+        self._server.shutdown()
+
+
+def referenced_instances(report: pydicom.Dataset) -> set[str]:
+    """SOP Instance UIDs an SR lists as evidence (Current Requested Procedure Evidence)."""
+    return {
+        item.ReferencedSOPInstanceUID
+        for study in report.get("CurrentRequestedProcedureEvidenceSequence", [])
+        for series in study.get("ReferencedSeriesSequence", [])
+        for item in series.get("ReferencedSOPSequence", [])
+    }
