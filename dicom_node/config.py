@@ -150,6 +150,9 @@ class SendConfig(_Model):
     """The outbound queue's retry policy."""
 
     max_attempts: int = Field(default=8, ge=1, description="then the send is dead-lettered")
+    associations: int = Field(
+        default=1, ge=1, le=32, description="associations per destination at once"
+    )
     backoff_initial_s: float = Field(default=5.0, gt=0)
     backoff_max_s: float = Field(default=600.0, gt=0)
 

@@ -2,9 +2,9 @@
 
 ``orthonode_stage_seconds{stage}`` says where a study's time goes: ``wait_ready`` (newest
 instance stored → study claimed; per study), ``read`` (read + decode + display), ``locate``
-(region of interest + classifier input), ``classify``, ``explain`` (per view), ``encode`` (SR +
-SCs built and written; per study), ``queue_wait`` (queued → first send attempt) and ``send``
-(per object).
+(region of interest + classifier input), ``classify``, ``explain`` (per view), ``encode`` (per
+object: a Secondary Capture or the SR built and written), ``queue_wait`` (queued → first send
+attempt) and ``send`` (per object, on its association).
 """
 
 from __future__ import annotations

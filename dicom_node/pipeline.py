@@ -1,8 +1,10 @@
 """The one place where the stages are wired: predict → explain → encode → queue for sending.
 
 Claimed studies come in as :class:`StudyJob`; what comes out is written under the spool's
-``outputs/`` and queued for every destination in the same transaction that marks the study
-done (:meth:`Spool.complete`, refused when a newer version of the study is already collecting).
+``outputs/`` and queued for every destination: each Secondary Capture as soon as it is written
+(:meth:`Spool.queue`), the SR in the same transaction that marks the study done
+(:meth:`Spool.complete`); both are refused when a newer version of the study is already
+collecting.
 The pipeline owns batching (every claimed study through the models at once), isolating a
 study that fails (the batch is retried one study at a time) and marking it failed. The
 predictor, the encoders and the spool are passed in, so a test can swap any stage. Output UIDs
@@ -59,6 +61,7 @@ class Pipeline:
     clock: Callable[[], dt.datetime] = dt.datetime.now
     observe: Observe = _ignore
     on_failed: Callable[[str], None] | None = None  # task name; a metric
+    on_queued: Callable[[], None] | None = None  # outputs queued: wake the sender
 
     def process(self, jobs: Sequence[StudyJob]) -> list[Outputs]:
         """Run claimed jobs as one batch; on an error, one by one, marking the failures.
@@ -108,8 +111,8 @@ class Pipeline:
         results = self.predictor.predict(jobs)
         outputs = []
         for job, (prediction, views) in zip(jobs, results, strict=True):
-            paths = self._encode(job, prediction, views)
-            if not self.spool.complete(job, paths, list(self.destinations)):
+            paths = self._encode_and_queue(job, prediction, views)
+            if paths is None:
                 log.info(
                     "study %s task %s v%d superseded while processed: an image arrived; "
                     "the next version analyses every image",
@@ -140,18 +143,23 @@ class Pipeline:
             )
         return outputs
 
-    def _encode(
+    def _encode_and_queue(
         self, job: StudyJob, prediction: Prediction, views: Sequence[PreparedView]
-    ) -> list[Path]:
-        """Explain each view, build the SCs and the SR, write them; returns SR path first."""
+    ) -> list[Path] | None:
+        """Explain each view and queue its Secondary Capture as soon as it is written (so the
+        sender delivers it while the rest is made), then build the SR, queue it and mark the
+        study done. Returns the paths, SR first; None when a newer version superseded the job
+        (nothing more is made; an SC already queued may have been sent)."""
         key = (job.study_instance_uid, job.task, job.version, prediction.model.version)
         spec = self.specs[job.task]
         now = self.clock()
-        explanations = [self.predictor.explain(v, prediction.predicted_index) for v in views]
-        started = time.perf_counter()
         sc_series = output_uid(*key, "sc-series")
-        secondary = [
-            self.build_secondary_capture(
+        secondary: list[Dataset] = []
+        paths: list[Path] = []
+        for number, view in enumerate(views, start=1):
+            explanation = self.predictor.explain(view, prediction.predicted_index)
+            started = time.perf_counter()
+            capture = self.build_secondary_capture(
                 view.dataset,
                 view.display,
                 explanation,
@@ -164,10 +172,14 @@ class Pipeline:
                 series_uid=sc_series,
                 now=now,
             )
-            for number, (view, explanation) in enumerate(
-                zip(views, explanations, strict=True), start=1
-            )
-        ]
+            path = self._write(job, capture, f"sc{number}")
+            self.observe("encode", time.perf_counter() - started)
+            if not self.spool.queue(job, [path], list(self.destinations)):
+                return None
+            self._queued()
+            secondary.append(capture)
+            paths.append(path)
+        started = time.perf_counter()
         report = self.build_structured_report(
             prediction,
             [v.dataset for v in views],
@@ -179,10 +191,16 @@ class Pipeline:
             series_uid=output_uid(*key, "sr-series"),
             now=now,
         )
-        paths = [self._write(job, report, "sr")]
-        paths += [self._write(job, sc, f"sc{i + 1}") for i, sc in enumerate(secondary)]
+        report_path = self._write(job, report, "sr")
         self.observe("encode", time.perf_counter() - started)
-        return paths
+        if not self.spool.complete(job, [report_path], list(self.destinations)):
+            return None
+        self._queued()
+        return [report_path, *paths]
+
+    def _queued(self) -> None:
+        if self.on_queued is not None:
+            self.on_queued()
 
     def _write(self, job: StudyJob, ds: Dataset, kind: str) -> Path:
         path = self.spool.output_path(

@@ -20,6 +20,10 @@ and records it (:attr:`Preprocessing.record`, the card's ``preprocessing``); the
 Each step is a MONAI array transform with its dictionary (``*d``) wrapper; the composition is a
 MONAI ``Compose`` of the wrappers over the keys ``image`` and ``region``. The heatmap goes back
 to the source's grid with :func:`heatmap_to_source`.
+
+It is one file of about 600 lines on purpose: every step of the one composition training and
+serving share, with its dictionary wrapper and its record, so a change to a step is made next
+to the others it must agree with.
 """
 
 from __future__ import annotations

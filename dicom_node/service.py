@@ -85,6 +85,7 @@ class Service:
             build_secondary_capture=build_secondary_capture,
             observe=metrics.observe,
             on_failed=lambda task: metrics.failed.labels(task=task).inc(),
+            on_queued=self._send.set,
         )
         self.sender = Sender(
             self.spool,
@@ -163,8 +164,6 @@ class Service:
                 self.metrics.observe("wait_ready", max(0.0, claimed - job.last_received_at))
             started = time.perf_counter()
             outputs = self.pipeline.process(jobs)
-            if outputs:
-                self._send.set()
             elapsed = (time.perf_counter() - started) / len(jobs)
             for output in outputs:
                 self.metrics.processed.labels(task=output.task).inc()
@@ -175,8 +174,10 @@ class Service:
         self._wait(self._send, None if due is None else due - self.clock())
         if self._stop.is_set():
             return
-        while self.sender.step():
-            pass  # until nothing is due
+        # Every round takes all that is due by then, so outputs queued during a send go out
+        # together on the next association.
+        while self.sender.step() and not self._stop.is_set():
+            pass
         counts = self.spool.outbox_counts()
         for state in ("pending", "sent", "dead"):
             self.metrics.outbox.labels(state=state).set(counts.get(state, 0))
@@ -192,6 +193,8 @@ class Service:
             self.scp.stop()
         for thread in self._threads:
             thread.join(timeout=30)
+        if hasattr(self, "sender"):
+            self.sender.close()
         if hasattr(self, "spool"):
             self.spool.close()
         log.info("orthonode stopped")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,21 @@ from dicom_node.models.codes import card_classes
 from dicom_node.store import Spool
 
 __all__ = [
+    "PIXELMED_SR_VALIDATOR",
     "FakeClock",
     "MemorySink",
     "RecordingPacs",
+    "error_lines",
+    "free_port",
     "instance_bytes",
     "jobs_from_manifest",
     "manifest_rows",
     "queue_outputs",
     "referenced_instances",
+    "resend",
     "store_file",
     "tiny_bundle",
+    "wait_for",
 ]
 
 
@@ -102,6 +108,63 @@ def store_file(spool: Spool, data: bytes, ds: pydicom.Dataset) -> bool:
         series_instance_uid=ds.SeriesInstanceUID,
         calling_ae_title="TEST",
     )
+
+
+def resend(spool: Spool, path: Path) -> pydicom.Dataset:
+    """Store the image at ``path`` again under a new SOP Instance UID (a retake or a resend
+    of the same view); returns its header."""
+    import io
+
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    store_file(spool, buffer.getvalue(), ds)
+    return ds
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 free at the time of asking."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.05) -> Any:
+    """Poll ``condition`` until it is truthy (its value is returned) or ``timeout`` passes."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+PIXELMED_SR_VALIDATOR = [
+    "java",
+    "-Djdk.xml.xpathExprOpLimit=0",
+    "-Djdk.xml.xpathExprGrpLimit=0",
+    "-Djdk.xml.xpathTotalOpLimit=0",
+    "-cp",
+    "/usr/share/java/pixelmed.jar",
+    "com.pixelmed.validate.DicomSRValidator",
+]
+
+
+def error_lines(command: list[str]) -> list[str]:
+    """The lines a validator (dciodvfy, dcentvfy, pixelmed) starts with "Error"."""
+    import subprocess
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return [
+        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
+    ]
 
 
 def queue_outputs(

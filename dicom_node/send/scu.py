@@ -1,6 +1,7 @@
 """C-STORE SCU and the outbound worker: durable queue, exponential backoff, dead letter.
 
-An output is only marked sent when the destination answered success (0x0000) or a warning
+Several associations per destination run at once (``send.associations``). An output is only
+marked sent when the destination answered success (0x0000) or a warning
 (0xB000, 0xB007, 0xB006); anything else is retried after ``backoff_delay`` until
 ``max_attempts``, then dead-lettered (``python -m dicom_node send --retry-dead`` re-queues).
 """
@@ -8,8 +9,10 @@ An output is only marked sent when the destination answered success (0x0000) or 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
@@ -75,7 +78,15 @@ def send_files(
 
 
 class Sender:
-    """Drains the spool's outbox: one association per destination per round."""
+    """Drains the spool's outbox over up to ``policy.associations`` concurrent associations per
+    destination (PACS store instances in parallel; one association at a time pays each
+    instance's storage latency in turn).
+
+    :meth:`step` hands every due item that is not already being sent to a worker thread;
+    ``step(wait=True)`` (the default, used by tests and the CLI) returns once they are done,
+    ``wait=False`` (the node) at once — ``on_done`` is called after each association, so the
+    node can look for more work.
+    """
 
     def __init__(
         self,
@@ -86,6 +97,7 @@ class Sender:
         transport: Callable[..., dict[Path, str | None]] = send_files,
         observe: Callable[[str, float], None] | None = None,
         clock: Callable[[], float] = time.time,
+        on_done: Callable[[], None] | None = None,
     ) -> None:
         self.spool = spool
         self.destinations = {d.key: d for d in destinations}
@@ -94,24 +106,56 @@ class Sender:
         self.transport = transport
         self.observe = observe
         self.clock = clock
+        self.on_done = on_done
+        self._pool = ThreadPoolExecutor(
+            max_workers=max(1, policy.associations * max(1, len(self.destinations))),
+            thread_name_prefix="orthonode-send",
+        )
+        self._lock = threading.Lock()
+        self._in_flight: set[int] = set()
 
-    def step(self) -> int:
-        """Try every due item once; returns how many were attempted."""
-        due = self.spool.due()
+    def step(self, wait: bool = True) -> int:
+        """Start sending every due item not already in flight; returns how many were started."""
+        with self._lock:
+            due = [item for item in self.spool.due() if item.id not in self._in_flight]
+            self._in_flight.update(item.id for item in due)
         by_destination: dict[str, list[OutboxItem]] = {}
         for item in due:
             by_destination.setdefault(item.destination, []).append(item)
+        futures: list[Future[None]] = []
         for name, items in by_destination.items():
             destination = self.destinations.get(name)
             if destination is None:
                 for item in items:
                     self.spool.mark_failed(item.id, f"destination {name!r} is not configured", None)
+                self._finished(items)
                 continue
             if self.observe is not None:
                 now = self.clock()
                 for item in items:
                     if item.attempts == 0:
                         self.observe("queue_wait", max(0.0, now - item.created_at))
+            chunks = max(1, min(self.policy.associations, len(items)))
+            for index in range(chunks):
+                futures.append(
+                    self._pool.submit(self._send, destination, name, items[index::chunks])
+                )
+        if wait:
+            for future in futures:
+                future.result()
+        return len(due)
+
+    def close(self) -> None:
+        """Let running sends finish; no new ones start."""
+        self._pool.shutdown(wait=True)
+
+    def _finished(self, items: Sequence[OutboxItem]) -> None:
+        with self._lock:
+            self._in_flight.difference_update(item.id for item in items)
+
+    def _send(self, destination: DestinationConfig, name: str, items: list[OutboxItem]) -> None:
+        """One association: send ``items``, record each result (never raises)."""
+        try:
             started = time.perf_counter()
             try:
                 results = self.transport(
@@ -124,21 +168,26 @@ class Sender:
                 for _ in items:
                     self.observe("send", per_item)
             for item in items:
-                problem = results.get(item.path, "not attempted")
-                if problem is None:
-                    self.spool.mark_sent(item.id)
-                    log.info(
-                        "sent %s of study %s to %s", item.path.name, item.study_instance_uid, name
-                    )
-                    continue
-                delay = backoff_delay(item.attempts + 1, self.policy)
-                self.spool.mark_failed(item.id, problem, delay)
-                log.warning(
-                    "sending %s of study %s to %s failed (%s); %s",
-                    item.path.name,
-                    item.study_instance_uid,
-                    name,
-                    problem,
-                    "dead-lettered" if delay is None else f"retry in {delay:.0f} s",
-                )
-        return len(due)
+                self._record(item, name, results.get(item.path, "not attempted"))
+        except Exception:
+            log.exception("sending to %s failed unexpectedly; the items stay queued", name)
+        finally:
+            self._finished(items)
+            if self.on_done is not None:
+                self.on_done()
+
+    def _record(self, item: OutboxItem, name: str, problem: str | None) -> None:
+        if problem is None:
+            self.spool.mark_sent(item.id)
+            log.info("sent %s of study %s to %s", item.path.name, item.study_instance_uid, name)
+            return
+        delay = backoff_delay(item.attempts + 1, self.policy)
+        self.spool.mark_failed(item.id, problem, delay)
+        log.warning(
+            "sending %s of study %s to %s failed (%s); %s",
+            item.path.name,
+            item.study_instance_uid,
+            name,
+            problem,
+            "dead-lettered" if delay is None else f"retry in {delay:.0f} s",
+        )

@@ -3,9 +3,9 @@ and the outbound queue.
 
 The spool owns every study's state: stages change it only through its transitions —
 :meth:`Spool.mark_routed` (collecting, or a new version), :meth:`Spool.promote_ready`,
-:meth:`Spool.claim_ready` (ready → processing, with the job's views), :meth:`Spool.complete`
-(outputs queued and done, version-guarded), :meth:`Spool.fail` and :meth:`Spool.resume` — each
-one transaction.
+:meth:`Spool.claim_ready` (ready → processing, with the job's views), :meth:`Spool.queue` and
+:meth:`Spool.complete` (outputs queued, then done; both version-guarded), :meth:`Spool.fail`
+and :meth:`Spool.resume` — each one transaction.
 
 Nothing is acknowledged before it is durable: an instance is written to a temporary file,
 fsynced, renamed into place, its directory fsynced, and its row committed, and only then does
@@ -83,6 +83,7 @@ CREATE TABLE IF NOT EXISTS outbox (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS outbox_path ON outbox(destination, path);
 """
 
 
@@ -369,32 +370,73 @@ class Spool:
                 )
         return jobs
 
+    def queue(self, job: StudyJob, paths: Sequence[Path], destinations: Sequence[str]) -> bool:
+        """Queue some of a job's outputs now (the Secondary Captures while the SR is being
+        built), only if the job is still the study's current version; False when it is not.
+
+        Queuing the same path for the same destination twice queues it once (a job re-run
+        after a crash makes the same files).
+        """
+        with self._transaction() as db:
+            if not self._current(db, job):
+                return False
+            self._insert_outbox(db, job, paths, destinations)
+        return True
+
     def complete(self, job: StudyJob, paths: Sequence[Path], destinations: Sequence[str]) -> bool:
-        """Queue a job's outputs for every destination and mark the study done, in one
-        transaction — only if the job is still the study's current version.
+        """Queue a job's (remaining) outputs for every destination and mark the study done, in
+        one transaction — only if the job is still the study's current version.
 
         Returns False (nothing queued) when an instance arrived while it was processed: that
         version is superseded, and the next one, with every image, is on its way.
         """
-        now = self._clock()
         with self._transaction() as db:
-            current = db.execute(
-                "UPDATE studies SET state = 'done', error = NULL, updated_at = ? "
-                "WHERE study_instance_uid = ? AND task = ? AND state = 'processing' "
-                "AND version = ?",
-                (now, job.study_instance_uid, job.task, job.version),
-            ).rowcount
-            if current != 1:
+            if not self._current(db, job):
                 return False
-            for destination in destinations:
-                for path in paths:
-                    db.execute(
-                        "INSERT INTO outbox (study_instance_uid, task, path, destination, state, "
-                        "next_attempt_at, created_at, updated_at) "
-                        "VALUES (?, ?, ?, ?, 'pending', ?, ?, ?)",
-                        (job.study_instance_uid, job.task, str(path), destination, now, now, now),
-                    )
+            self._insert_outbox(db, job, paths, destinations)
+            db.execute(
+                "UPDATE studies SET state = 'done', error = NULL, updated_at = ? "
+                "WHERE study_instance_uid = ? AND task = ?",
+                (self._clock(), job.study_instance_uid, job.task),
+            )
         return True
+
+    @staticmethod
+    def _current(db: sqlite3.Connection, job: StudyJob) -> bool:
+        row = db.execute(
+            "SELECT 1 FROM studies WHERE study_instance_uid = ? AND task = ? "
+            "AND state = 'processing' AND version = ?",
+            (job.study_instance_uid, job.task, job.version),
+        ).fetchone()
+        return row is not None
+
+    def _insert_outbox(
+        self,
+        db: sqlite3.Connection,
+        job: StudyJob,
+        paths: Sequence[Path],
+        destinations: Sequence[str],
+    ) -> None:
+        now = self._clock()
+        for destination in destinations:
+            for path in paths:
+                db.execute(
+                    "INSERT INTO outbox (study_instance_uid, task, path, destination, state, "
+                    "next_attempt_at, created_at, updated_at) "
+                    "SELECT ?, ?, ?, ?, 'pending', ?, ?, ? WHERE NOT EXISTS "
+                    "(SELECT 1 FROM outbox WHERE destination = ? AND path = ?)",
+                    (
+                        job.study_instance_uid,
+                        job.task,
+                        str(path),
+                        destination,
+                        now,
+                        now,
+                        now,
+                        destination,
+                        str(path),
+                    ),
+                )
 
     def fail(self, job: StudyJob, reason: str) -> bool:
         """Mark a job's study failed (visible in ``status``), only if it is still the current

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from dicom_node.metrics import STAGES
 from tests.conftest import require_tool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -64,6 +65,9 @@ def test_bench_latency_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert _seconds(values["p95"]) > 0
     assert _seconds(values["p50"]) <= _seconds(values["p95"]) <= _seconds(values["max"])
     assert "p95 ≤ 0.5 s target" in values["verdict"]
+    floor = _seconds(values["PACS floor"])
+    assert floor > 0
+    assert float(values["p50 / floor"]) == pytest.approx(_seconds(values["p50"]) / floor, abs=0.06)
 
     header, rows = _table(section, "| date | commit | in flight |")
     [row] = rows
@@ -75,16 +79,7 @@ def test_bench_latency_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str])
 
     header, rows = _table(section, "| date | commit | stage |")
     stages = [dict(zip(header, r, strict=True))["stage"] for r in rows]
-    assert stages[:8] == [
-        "wait_ready",
-        "read",
-        "locate",
-        "classify",
-        "explain",
-        "encode",
-        "queue_wait",
-        "send",
-    ]
+    assert tuple(stages[: len(STAGES)]) == STAGES
 
     # A second run appends its tables, not a second heading.
     append(target, "| next run |\n")

@@ -12,13 +12,11 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,32 +29,11 @@ from dicom_node.domain import InstanceRef, RoutedView, StudyJob
 from dicom_node.infer import Predictor
 from dicom_node.models.bundle import load_bundle
 from tests.conftest import make_set, require_tool
+from tests.factories import PIXELMED_SR_VALIDATOR, error_lines, free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
-PIXELMED_FLAGS = [
-    "-Djdk.xml.xpathExprOpLimit=0",
-    "-Djdk.xml.xpathExprGrpLimit=0",
-    "-Djdk.xml.xpathTotalOpLimit=0",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 class Orthanc:
@@ -224,13 +201,6 @@ def _send(node: Node, paths: list[Path]) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def _errors(command: list[str]) -> list[str]:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    return [
-        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
-    ]
-
-
 @pytest.mark.parametrize(("task", "views"), [("knee", 2), ("hip", 1), ("spine", 2)])
 def test_study_round_trip(
     stack: tuple[Node, Orthanc, Path], task: str, views: int, tmp_path: Path
@@ -264,18 +234,10 @@ def test_study_round_trip(
 
     # Every check of shared/OUTPUTS.md.
     for path in files:
-        assert _errors(["dciodvfy", str(path)]) == [], path
-    assert _errors(["dcentvfy", *map(str, sources), str(sr_path), *map(str, sc_paths)]) == []
+        assert error_lines(["dciodvfy", str(path)]) == [], path
+    assert error_lines(["dcentvfy", *map(str, sources), str(sr_path), *map(str, sc_paths)]) == []
     assert subprocess.run(["dsrdump", "-q", str(sr_path)], capture_output=True).returncode == 0
-    pixelmed = [
-        "java",
-        *PIXELMED_FLAGS,
-        "-cp",
-        "/usr/share/java/pixelmed.jar",
-        "com.pixelmed.validate.DicomSRValidator",
-        str(sr_path),
-    ]
-    assert _errors(pixelmed) == []
+    assert error_lines([*PIXELMED_SR_VALIDATOR, str(sr_path)]) == []
 
     # The SR's result equals the bundle run directly on the same images.
     bundle = load_bundle(ROOT / "weights" / task)

@@ -149,6 +149,7 @@ def _pixelmed() -> tuple[str, Path]:
     return java, PIXELMED_JAR
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_pixelmed_sr_validator_reports_no_error(
     written: dict[str, dict[str, list[Path]]], case: str

@@ -85,6 +85,7 @@ def test_check_config_lists_bundles(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "hip: hip test 9.9" in out and "DEMO WEIGHTS" in out
 
 
+@pytest.mark.slow
 def test_serve_refuses_to_start_without_bundles(tmp_path: Path) -> None:
     """A configured task without its bundle stops serve before it listens, with the fix."""
     conf = tmp_path / "conf.yaml"
@@ -153,3 +154,41 @@ def test_status_and_retry_dead_commands(tmp_path: Path, capsys: pytest.CaptureFi
     assert "1 dead letter(s) queued again" in capsys.readouterr().out
     reopened = Spool(tmp_path / "spool")
     assert reopened.outbox_counts() == {"pending": 1}
+
+
+def test_sender_uses_parallel_associations(
+    tmp_path: Path, pacs: tuple[StorageScp, MemorySink]
+) -> None:
+    """Each due item of a destination goes out on its own association, at the same time."""
+    import threading
+
+    from dicom_node.send import send_files
+
+    scp, sink = pacs
+    folder = make_set(tmp_path, "k", task="knee", patients=2, seed=4)
+    paths = sorted((folder / "dicom").rglob("*.dcm"))
+    spool = Spool(tmp_path / "spool")
+    queue_outputs(spool, "1.2.3", paths, ["pacs"])
+    running, most, lock = [0], [0], threading.Lock()
+    barrier = threading.Barrier(3, timeout=10)
+
+    def transport(destination: DestinationConfig, chunk: list[Path], ae: str) -> dict:
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        barrier.wait()  # three associations must be open together, or this times out
+        try:
+            return send_files(destination, chunk, ae)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    good = DestinationConfig(name="pacs", ae_title="PACS", host="127.0.0.1", port=scp.port)
+    policy = SendConfig(associations=3)
+    sender = Sender(spool, [good], policy, "ORTHONODE", transport=transport)
+    assert sender.step() == len(paths) == 4
+    sender.close()
+    assert most[0] == 3
+    assert spool.outbox_counts() == {"sent": 4}
+    assert {pydicom.dcmread(p).SOPInstanceUID for p in paths} <= set(sink.stored)
+    spool.close()

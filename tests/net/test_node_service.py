@@ -8,7 +8,6 @@ the PACS. Waits are polls with deadlines.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -23,26 +22,18 @@ from pynetdicom import AE, StoragePresentationContexts
 from dicom_node.config import Config
 from dicom_node.service import Service
 from tests.conftest import make_set, require_tool
-from tests.factories import RecordingPacs, manifest_rows, referenced_instances, tiny_bundle
+from tests.factories import (
+    PIXELMED_SR_VALIDATOR,
+    RecordingPacs,
+    error_lines,
+    free_port,
+    manifest_rows,
+    referenced_instances,
+    tiny_bundle,
+    wait_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -211,19 +202,9 @@ def test_a_fourth_task_from_configuration_alone(
     assert "99MYSITE" in schemes
     path = tmp_path / "report.dcm"
     report.save_as(path, enforce_file_format=True)
-    assert _errors(["dciodvfy", str(path)]) == []
+    assert error_lines(["dciodvfy", str(path)]) == []
     assert subprocess.run(["dsrdump", "-q", str(path)], capture_output=True).returncode == 0
-    pixelmed = [
-        "java",
-        "-Djdk.xml.xpathExprOpLimit=0",
-        "-Djdk.xml.xpathExprGrpLimit=0",
-        "-Djdk.xml.xpathTotalOpLimit=0",
-        "-cp",
-        "/usr/share/java/pixelmed.jar",
-        "com.pixelmed.validate.DicomSRValidator",
-        str(path),
-    ]
-    assert _errors(pixelmed) == []
+    assert error_lines([*PIXELMED_SR_VALIDATOR, str(path)]) == []
 
 
 def _codes(report: pydicom.Dataset) -> set[tuple[str, str]]:
@@ -238,10 +219,3 @@ def _codes(report: pydicom.Dataset) -> set[tuple[str, str]]:
 
     walk(report.ContentSequence)
     return found
-
-
-def _errors(command: list[str]) -> list[str]:
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    return [
-        line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")
-    ]

@@ -32,6 +32,7 @@ def test_shipped_conf_loads_every_bundle() -> None:
 TARGETS = {"knee": {None: 0.964}, "spine": {None: 0.943}, "hip": {1: 0.916, 0: 0.75}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["knee", "spine", "hip"])
 def test_demo_weights_name_the_true_class(tmp_path: Path, task: str) -> None:
     """Fresh detector-sized phantoms (a seed no bundle saw): the published figures or better,

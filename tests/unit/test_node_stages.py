@@ -26,7 +26,7 @@ from dicom_node.route import normalise_body_part, normalise_view, route
 from dicom_node.send import backoff_delay
 from dicom_node.store import Spool
 from tests.conftest import make_set
-from tests.factories import FakeClock, queue_outputs
+from tests.factories import FakeClock, instance_bytes, queue_outputs, resend, store_file
 
 
 # -- config --------------------------------------------------------------------------------
@@ -186,29 +186,12 @@ def test_route_rules() -> None:
 
 
 # -- spool ---------------------------------------------------------------------------------
-def _instance_bytes(folder: Path) -> list[tuple[bytes, pydicom.Dataset]]:
-    with (folder / "manifest.csv").open() as handle:
-        paths = [folder / r["path"] for r in csv.DictReader(handle)]
-    return [(p.read_bytes(), pydicom.dcmread(p, stop_before_pixels=True)) for p in paths]
-
-
-def _store(spool: Spool, data: bytes, ds: pydicom.Dataset) -> bool:
-    return spool.store(
-        data,
-        sop_class_uid=ds.SOPClassUID,
-        sop_instance_uid=ds.SOPInstanceUID,
-        study_instance_uid=ds.StudyInstanceUID,
-        series_instance_uid=ds.SeriesInstanceUID,
-        calling_ae_title="TEST",
-    )
-
-
 def test_spool_stores_durably_and_idempotently(tmp_path: Path) -> None:
     folder = make_set(tmp_path, "k", task="knee", patients=1, seed=1)
     spool = Spool(tmp_path / "spool")
-    (data, ds), _ = _instance_bytes(folder)
-    assert _store(spool, data, ds) is True
-    assert _store(spool, data, ds) is False
+    (data, ds), _ = instance_bytes(folder)
+    assert store_file(spool, data, ds) is True
+    assert store_file(spool, data, ds) is False
     [ref] = spool.unrouted()
     assert ref.path.read_bytes() == data
     assert ref.path.name == f"{ds.SOPInstanceUID}.dcm" and spool.root in ref.path.parents
@@ -242,13 +225,13 @@ def test_spool_refuses_bad_uids_and_full_disks(tmp_path: Path) -> None:
 def test_spool_concurrent_stores(tmp_path: Path) -> None:
     folder = make_set(tmp_path, "s", task="spine", patients=3, seed=2)
     spool = Spool(tmp_path / "spool")
-    items = _instance_bytes(folder) * 3  # every instance three times, from several threads
+    items = instance_bytes(folder) * 3  # every instance three times, from several threads
     results: list[bool] = []
     lock = threading.Lock()
 
     def worker(chunk: list[tuple[bytes, pydicom.Dataset]]) -> None:
         for data, ds in chunk:
-            new = _store(spool, data, ds)
+            new = store_file(spool, data, ds)
             with lock:
                 results.append(new)
 
@@ -285,15 +268,15 @@ def test_assembler_routes_and_promotes(tmp_path: Path) -> None:
     assembler = Assembler(
         spool, rules, KNEE_VIEWS, 10.0, clock, on_unmatched=lambda: unmatched.append(1)
     )
-    (ap_bytes, ap), (lat_bytes, lat) = _instance_bytes(knee)
-    _store(spool, ap_bytes, ap)
-    [(hip_bytes, hip)] = _instance_bytes(chest)
-    _store(spool, hip_bytes, hip)
+    (ap_bytes, ap), (lat_bytes, lat) = instance_bytes(knee)
+    store_file(spool, ap_bytes, ap)
+    [(hip_bytes, hip)] = instance_bytes(chest)
+    store_file(spool, hip_bytes, hip)
     assert assembler.route_new() == 2
     assert len(unmatched) == 1  # the hip matches no knee rule: ignored, counted
     assert assembler.promote() == 0  # AP only, not quiet long enough
     assert spool.claim_ready(8) == []
-    _store(spool, lat_bytes, lat)
+    store_file(spool, lat_bytes, lat)
     assembler.route_new()
     assert assembler.promote() == 1
     [job] = spool.claim_ready(8)
@@ -303,11 +286,7 @@ def test_assembler_routes_and_promotes(tmp_path: Path) -> None:
     assert spool.claim_ready(8) == []  # claimed once
     assert spool.complete(job, [tmp_path / "sr.dcm"], ["pacs"])
     # Processed, then another AP arrives: a new version with every image.
-    copy = pydicom.dcmread(knee / "dicom" / ap.PatientID / "01_AP.dcm")
-    copy.SOPInstanceUID = pydicom.uid.generate_uid()
-    path = tmp_path / "again.dcm"
-    copy.save_as(path)
-    _store(spool, path.read_bytes(), copy)
+    copy = resend(spool, knee / "dicom" / ap.PatientID / "01_AP.dcm")
     assembler.route_new()
     assert assembler.promote() == 1
     [job2] = spool.claim_ready(8)
@@ -325,8 +304,8 @@ def test_assembler_quiet_period(tmp_path: Path) -> None:
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
     assembler = Assembler(spool, load_config(None).routing, KNEE_VIEWS, 10.0, clock)
-    (ap_bytes, ap), _ = _instance_bytes(knee)
-    _store(spool, ap_bytes, ap)
+    (ap_bytes, ap), _ = instance_bytes(knee)
+    store_file(spool, ap_bytes, ap)
     assembler.route_new()
     clock.now += 9.9
     assert assembler.seconds_to_next_deadline() == pytest.approx(0.1)
@@ -344,8 +323,8 @@ def test_required_views_come_from_the_bundle(tmp_path: Path) -> None:
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
     assembler = Assembler(spool, load_config(None).routing, {"knee": ("AP",)}, 10.0, clock)
-    (ap_bytes, ap), _ = _instance_bytes(knee)
-    _store(spool, ap_bytes, ap)
+    (ap_bytes, ap), _ = instance_bytes(knee)
+    store_file(spool, ap_bytes, ap)
     assembler.route_new()
     assert assembler.promote() == 1
 
@@ -360,20 +339,16 @@ def test_late_instance_while_processing_opens_a_new_version(tmp_path: Path) -> N
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
     assembler = Assembler(spool, load_config(None).routing, KNEE_VIEWS, 10.0, clock)
-    (ap_bytes, ap), (lat_bytes, lat) = _instance_bytes(knee)
-    _store(spool, ap_bytes, ap)
-    _store(spool, lat_bytes, lat)
+    (ap_bytes, ap), (lat_bytes, lat) = instance_bytes(knee)
+    store_file(spool, ap_bytes, ap)
+    store_file(spool, lat_bytes, lat)
     assembler.route_new()
     assembler.promote()
     [job1] = spool.claim_ready(8)
     assert job1.version == 1 and len(job1.views) == 2
     # ... the inference worker is busy with job1; the second LAT is stored and routed.
-    late = pydicom.dcmread(knee / "dicom" / ap.PatientID / "02_LAT.dcm")
-    late.SOPInstanceUID = pydicom.uid.generate_uid()
-    path = tmp_path / "late.dcm"
-    late.save_as(path)
     clock.now += 0.3
-    _store(spool, path.read_bytes(), late)
+    late = resend(spool, knee / "dicom" / ap.PatientID / "02_LAT.dcm")
     assembler.route_new()
     study = spool.study(ap.StudyInstanceUID, "knee")
     assert study is not None and (study.state, study.version) == ("collecting", 2)
@@ -394,21 +369,40 @@ def test_late_instance_while_processing_opens_a_new_version(tmp_path: Path) -> N
     assert spool.study(ap.StudyInstanceUID, "knee").state == "done"  # type: ignore[union-attr]
 
 
+def test_outputs_are_queued_once_and_only_for_the_current_version(tmp_path: Path) -> None:
+    knee = make_set(tmp_path, "k", task="knee", patients=1, seed=8)
+    clock = FakeClock()
+    spool = Spool(tmp_path / "spool", clock=clock)
+    assembler = Assembler(spool, load_config(None).routing, KNEE_VIEWS, 10.0, clock)
+    (ap_bytes, ap), (lat_bytes, lat) = instance_bytes(knee)
+    store_file(spool, ap_bytes, ap)
+    store_file(spool, lat_bytes, lat)
+    assembler.route_new()
+    assembler.promote()
+    [job] = spool.claim_ready(8)
+    sc = tmp_path / "sc1.dcm"
+    assert spool.queue(job, [sc], ["pacs", "archive"])
+    assert spool.queue(job, [sc], ["pacs"])  # a re-run after a crash: not queued twice
+    assert sorted(i.destination for i in spool.due()) == ["archive", "pacs"]
+    assert spool.study(ap.StudyInstanceUID, "knee").state == "processing"  # type: ignore[union-attr]
+    resend(spool, knee / "dicom" / ap.PatientID / "02_LAT.dcm")
+    assembler.route_new()  # version 2 opens: version 1 may queue nothing more
+    assert not spool.queue(job, [tmp_path / "sc2.dcm"], ["pacs"])
+    assert not spool.complete(job, [tmp_path / "sr.dcm"], ["pacs"])
+    assert len(spool.due()) == 2
+
+
 def test_an_instance_for_a_ready_study_joins_its_job(tmp_path: Path) -> None:
     knee = make_set(tmp_path, "k", task="knee", patients=1, seed=7)
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
     assembler = Assembler(spool, load_config(None).routing, KNEE_VIEWS, 10.0, clock)
-    (ap_bytes, ap), (lat_bytes, lat) = _instance_bytes(knee)
-    _store(spool, ap_bytes, ap)
-    _store(spool, lat_bytes, lat)
+    (ap_bytes, ap), (lat_bytes, lat) = instance_bytes(knee)
+    store_file(spool, ap_bytes, ap)
+    store_file(spool, lat_bytes, lat)
     assembler.route_new()
     assembler.promote()
-    extra = pydicom.dcmread(knee / "dicom" / ap.PatientID / "02_LAT.dcm")
-    extra.SOPInstanceUID = pydicom.uid.generate_uid()
-    path = tmp_path / "extra.dcm"
-    extra.save_as(path)
-    _store(spool, path.read_bytes(), extra)
+    resend(spool, knee / "dicom" / ap.PatientID / "02_LAT.dcm")
     assembler.route_new()  # the study is 'ready', not yet claimed: same version
     [job] = spool.claim_ready(8)
     assert job.version == 1 and len(job.views) == 3
@@ -417,8 +411,8 @@ def test_an_instance_for_a_ready_study_joins_its_job(tmp_path: Path) -> None:
 def test_resume_requeues_interrupted_jobs(tmp_path: Path) -> None:
     knee = make_set(tmp_path, "k", task="hip", patients=1, seed=4)
     spool = Spool(tmp_path / "spool")
-    [(data, ds)] = _instance_bytes(knee)
-    _store(spool, data, ds)
+    [(data, ds)] = instance_bytes(knee)
+    store_file(spool, data, ds)
     assembler = Assembler(spool, load_config(None).routing, {"hip": ("AP",)}, 10.0, spool._clock)
     assembler.route_new()
     assembler.promote()
@@ -588,8 +582,8 @@ def test_a_failing_study_does_not_fail_the_batch(tmp_path: Path) -> None:
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
     folder = make_set(tmp_path, "h", task="hip", patients=3, seed=8)
-    for data, ds in _instance_bytes(folder):
-        _store(spool, data, ds)
+    for data, ds in instance_bytes(folder):
+        store_file(spool, data, ds)
     assembler = Assembler(spool, load_config(None).routing, {"hip": ("AP",)}, 10.0, clock)
     assembler.route_new()
     assert assembler.promote() == 3
