@@ -88,7 +88,13 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: flo
 
 
 def tool(name: str) -> str:
-    path = shutil.which(name)
+    """An installed program (dcmtk's storescu, Orthanc...), never a script of this virtual
+    environment: pynetdicom installs a ``storescu`` of its own there."""
+    scripts = {Path(sys.prefix, "bin").resolve(), Path(sys.executable).parent.resolve()}
+    search = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    path = shutil.which(
+        name, path=os.pathsep.join(p for p in search if Path(p).resolve() not in scripts)
+    )
     if not path:
         raise BenchError(f"{name} is not installed (apt-get install orthanc dcmtk)")
     return path

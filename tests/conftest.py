@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,18 @@ import pytest
 from train.synth.generate import SynthOptions, generate
 
 
+def system_tool(name: str) -> str | None:
+    """Path of an installed program, never one of the virtual environment's scripts: pynetdicom
+    installs its own ``storescu``/``echoscu`` there, and the tests mean dcmtk's."""
+    scripts = {Path(sys.prefix, "bin").resolve(), Path(sys.executable).parent.resolve()}
+    search = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
+    path = os.pathsep.join(p for p in search if Path(p).resolve() not in scripts)
+    return shutil.which(name, path=path)
+
+
 def require_tool(name: str) -> str:
     """Path of an external tool; skip without it, but fail under CI=true (CI must have it)."""
-    path = shutil.which(name)
+    path = system_tool(name)
     if path:
         return path
     if os.environ.get("CI", "").lower() == "true":

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import yaml
 from dicom_node.domain import InstanceRef, RoutedView, StudyJob
 from dicom_node.infer import Predictor
 from dicom_node.models.bundle import load_bundle
-from tests.conftest import make_set, require_tool
+from tests.conftest import make_set, require_tool, system_tool
 from tests.factories import PIXELMED_SR_VALIDATOR, error_lines, free_port, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -125,7 +124,15 @@ class Node:
         if self.process.poll() is not None:
             raise AssertionError("node exited:\n" + self.log_path.read_text()[-3000:])
         result = subprocess.run(
-            ["echoscu", "-aet", "E2E", "-aec", "ORTHONODE", "127.0.0.1", str(self.port)],
+            [
+                require_tool("echoscu"),
+                "-aet",
+                "E2E",
+                "-aec",
+                "ORTHONODE",
+                "127.0.0.1",
+                str(self.port),
+            ],
             capture_output=True,
             timeout=30,
         )
@@ -185,7 +192,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Orth
 def _send(node: Node, paths: list[Path]) -> None:
     result = subprocess.run(
         [
-            "storescu",
+            require_tool("storescu"),
             "-aet",
             "MODALITY",
             "-aec",
@@ -327,4 +334,4 @@ def test_unmatched_study_yields_nothing(stack: tuple[Node, Orthanc, Path], tmp_p
 def test_tools_present_under_ci() -> None:
     if os.environ.get("CI", "").lower() == "true":
         for tool in ("storescu", "dciodvfy", "dcentvfy", "dsrdump", "Orthanc", "java"):
-            assert shutil.which(tool), tool
+            assert system_tool(tool), tool

@@ -26,7 +26,15 @@ from dicom_node.route import normalise_body_part, normalise_view, route
 from dicom_node.send import backoff_delay
 from dicom_node.store import Spool
 from tests.conftest import make_set
-from tests.factories import FakeClock, instance_bytes, queue_outputs, resend, store_file
+from tests.factories import (
+    FakeClock,
+    instance_bytes,
+    jobs_from_manifest,
+    queue_outputs,
+    resend,
+    store_file,
+    tiny_bundle,
+)
 
 
 # -- config --------------------------------------------------------------------------------
@@ -497,31 +505,14 @@ def test_fuse_mean_and_stacker() -> None:
 
 
 def test_predictor_matches_the_model_and_batches(tmp_path: Path) -> None:
-    torch.manual_seed(1)
-    save_bundle(
-        tmp_path / "b",
-        build_backbone("mobilenet_v3_small", 2),
-        _card(temperature=2.0, threshold=0.9),
-    )
-    bundle = load_bundle(tmp_path / "b")
+    bundle = tiny_bundle(tmp_path / "b", "hip", seed=1, temperature=2.0, threshold=0.9)
     folder = make_set(tmp_path, "h", task="hip", patients=2, seed=5)
-    with (folder / "manifest.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    jobs = []
-    for row in rows:
-        ref = InstanceRef(
-            row["sop_instance_uid"],
-            "1.2",
-            row["study_instance_uid"],
-            row["series_instance_uid"],
-            folder / row["path"],
-        )
-        jobs.append(StudyJob(row["study_instance_uid"], "hip", (RoutedView(ref, "hip", "AP"),)))
+    jobs = jobs_from_manifest(folder, "hip")
     results = Predictor({"hip": bundle}).predict(jobs)
     assert len(results) == 2
-    for (prediction, views), row in zip(results, rows, strict=True):
-        assert prediction.study_instance_uid == row["study_instance_uid"]
-        ds = pydicom.dcmread(folder / row["path"])
+    for (prediction, views), job in zip(results, jobs, strict=True):
+        assert prediction.study_instance_uid == job.study_instance_uid
+        ds = pydicom.dcmread(job.views[0].instance.path)
         from dicom_node.preprocess import display_image
 
         x = to_model_input(display_image(ds), 64)[None]
