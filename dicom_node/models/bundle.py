@@ -120,7 +120,7 @@ class Card(BaseModel):
     backbone: str
     input_size: int = Field(ge=32, le=2048)
     channels: int = 3
-    normalisation: str = Field(default="imagenet", description="imagenet or unit")
+    normalisation: str = Field(default="imagenet", description="imagenet, unit or standardise")
     views: list[str] = Field(default_factory=lambda: ["AP", "LAT"])
     threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     decision_threshold: float | None = Field(
