@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dicom_node.config import Config
-from dicom_node.models.codes import classes_for
 from dicom_node.models.localiser import STRIDE
 from dicom_node.preprocess import RoiSettings, build_preprocessing, resize_pad
 from dicom_node.route import route
+from dicom_node.tasks import TaskSpec, builtin_task
 
 __all__ = [
     "LabelledSet",
@@ -112,11 +112,19 @@ def read_dataset(
                 f"{data} has no manifest.csv: pass --labels LABELS.csv for a DICOM folder "
                 "(docs/training.md)"
             )
-        return _from_manifest(data, manifest)
+        return _from_manifest(data, manifest, config)
     return _from_labels(data, labels, config or Config())
 
 
-def _from_manifest(data: Path, manifest: Path) -> LabelledSet:
+def task_spec(task: str, config: Config | None = None) -> TaskSpec:
+    """The spec of ``task``: from ``config`` (``tasks.<name>.spec``) when it has the task,
+    else the built-in one; ValueError naming the fix for a task that is neither."""
+    if config is not None and task in config.tasks:
+        return config.spec(task)
+    return builtin_task(task)
+
+
+def _from_manifest(data: Path, manifest: Path, config: Config | None = None) -> LabelledSet:
     with manifest.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
@@ -131,7 +139,7 @@ def _from_manifest(data: Path, manifest: Path) -> LabelledSet:
     if len(tasks) != 1:
         raise ValueError(f"{manifest} mixes tasks {sorted(tasks)}; train one task at a time")
     task = tasks.pop()
-    names = tuple(c.name for c in classes_for(task))
+    names = tuple(c.name for c in task_spec(task, config).classes)
     samples = []
     for row in rows:
         if row["label"] not in names:
@@ -221,7 +229,7 @@ def _from_labels(data: Path, labels: Path, config: Config) -> LabelledSet:
             f"{sorted(tasks)}; train one task at a time"
         )
     task = tasks.pop()
-    names = tuple(c.name for c in classes_for(task))
+    names = tuple(c.name for c in task_spec(task, config).classes)
     samples = []
     for _, sample, label in found:
         if label not in names:

@@ -38,10 +38,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from dicom_node.config import load_config
 from dicom_node.domain import RegionOfInterest
 from dicom_node.models.backbones import build_backbone, saliency_layer
 from dicom_node.models.bundle import load_bundle, save_bundle, update_card
-from dicom_node.models.codes import card_classes
 from dicom_node.models.localiser import STRIDE, Localiser
 from train.data import (
     LabelledSet,
@@ -50,6 +50,7 @@ from train.data import (
     load_images,
     read_dataset,
     split_patients,
+    task_spec,
 )
 from train.engine import (
     Augmentation,
@@ -151,7 +152,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _data(args: argparse.Namespace, context: DistributedContext) -> _Data:
     """1. Data: read the set, split its patients, check the options against it, read the
     images (whole, or for the region of interest at the source's resolution)."""
-    dataset = read_dataset(args.data, args.labels)
+    config = load_config(args.config) if args.config is not None else None
+    dataset = read_dataset(args.data, args.labels, config)
     index = _split(dataset, args)
     if not len(index["train"]) or not len(index["val"]):
         raise ValueError("the split left no training or no validation patients; use more data")
@@ -385,7 +387,9 @@ def _bundle(
         "name": args.name or f"orthonode {task} classifier",
         "version": args.version,
         "demo": not args.not_demo,
-        "classes": card_classes(task),
+        "classes": task_spec(
+            task, load_config(args.config) if args.config else None
+        ).card_classes(),
         "backbone": args.backbone,
         "input_size": args.size,
         "channels": data.channels,
@@ -534,6 +538,13 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--data", type=Path, required=True, help="manifest folder or DICOM folder")
     data.add_argument("--labels", type=Path, default=None, help="labels CSV for a DICOM folder")
+    data.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="conf.yaml: its routing rules read a DICOM folder given with --labels, and its "
+        "tasks.<name>.spec defines a task that is not built in (classes and their codes)",
+    )
     data.add_argument(
         "--split",
         type=float,

@@ -237,3 +237,46 @@ def test_guidance_moves_activation_onto_the_mask() -> None:
             guidance=Guidance(layer, masks, weight=5.0),
         )
     assert share() < before - 0.2
+
+
+@pytest.mark.slow
+def test_fit_trains_a_task_defined_in_conf_yaml(tmp_path: Path) -> None:
+    """A site's own task (not built in): fit reads its classes and codes from --config."""
+    import yaml
+
+    data = make_set(tmp_path, "data", task="knee", patients=16, seed=8, rows=128, cols=128)
+    manifest = data / "manifest.csv"
+    with manifest.open() as handle:
+        rows = list(csv.DictReader(handle))
+    implants = sorted({r["label"] for r in rows})
+    for row in rows:  # relabel the phantoms as a two-class site task
+        row["task"] = "knee-two"
+        row["label"] = "first half" if implants.index(row["label"]) < 3 else "second half"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    classes = [
+        {"name": name, "code_value": code, "coding_scheme": "99MYSITE", "code_meaning": name}
+        for name, code in (("first half", "HALF-1"), ("second half", "HALF-2"))
+    ]
+    spec = {
+        "label": "Knee implant half",
+        "finding": {"value": "40388003", "scheme": "SCT", "meaning": "Implant"},
+        "site": {"value": "49076000", "scheme": "SCT", "meaning": "Knee joint"},
+        "evaluation": {"value": "HALF", "scheme": "99MYSITE", "meaning": "Implant half"},
+        "routing": {"body_part": ["KNEE"]},
+        "classes": classes,
+    }
+    conf = tmp_path / "conf.yaml"
+    conf.write_text(yaml.safe_dump({"tasks": {"knee-two": {"bundle": "b", "spec": spec}}}))
+    out = tmp_path / "bundle"
+    arguments = ["fit", "--data", str(data), "--out", str(out), "--config", str(conf)]
+    arguments += ["--size", "64", "--epochs", "1", "--roi", "off", "--threads", "2"]
+    arguments += ["--split", "0.5", "0.25", "0.25"]
+    assert train_main(arguments) == 0
+    card = json.loads((out / "card.json").read_text())
+    assert card["task"] == "knee-two"
+    assert card["classes"] == classes
+    without = ["fit", "--data", str(data), "--out", str(tmp_path / "b2"), "--epochs", "1"]
+    assert train_main(without) == 2  # not built in, and no --config: a clear error
