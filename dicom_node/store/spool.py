@@ -3,9 +3,9 @@ and the outbound queue.
 
 The spool owns every study's state: stages change it only through its transitions —
 :meth:`Spool.mark_routed` (collecting, or a new version), :meth:`Spool.promote_ready`,
-:meth:`Spool.claim_ready` (ready → processing, with the job's views), :meth:`Spool.queue` and
-:meth:`Spool.complete` (outputs queued, then done; both version-guarded), :meth:`Spool.fail`
-and :meth:`Spool.resume` — each one transaction.
+:meth:`Spool.claim_ready` (ready → processing, with the job's views), :meth:`Spool.complete`
+(outputs queued and done, version-guarded), :meth:`Spool.fail` and :meth:`Spool.resume` — each
+one transaction.
 
 Nothing is acknowledged before it is durable: an instance is written to a temporary file,
 fsynced, renamed into place, its directory fsynced, and its row committed, and only then does
@@ -370,25 +370,14 @@ class Spool:
                 )
         return jobs
 
-    def queue(self, job: StudyJob, paths: Sequence[Path], destinations: Sequence[str]) -> bool:
-        """Queue some of a job's outputs now (the Secondary Captures while the SR is being
-        built), only if the job is still the study's current version; False when it is not.
-
-        Queuing the same path for the same destination twice queues it once (a job re-run
-        after a crash makes the same files).
-        """
-        with self._transaction() as db:
-            if not self._current(db, job):
-                return False
-            self._insert_outbox(db, job, paths, destinations)
-        return True
-
     def complete(self, job: StudyJob, paths: Sequence[Path], destinations: Sequence[str]) -> bool:
-        """Queue a job's (remaining) outputs for every destination and mark the study done, in
-        one transaction — only if the job is still the study's current version.
+        """Queue a job's outputs for every destination and mark the study done, in one
+        transaction — only if the job is still the study's current version.
 
         Returns False (nothing queued) when an instance arrived while it was processed: that
-        version is superseded, and the next one, with every image, is on its way.
+        version is superseded, and the next one, with every image, is on its way. A path
+        already queued for a destination (a job re-run after a crash makes the same files) is
+        not queued again.
         """
         with self._transaction() as db:
             if not self._current(db, job):
