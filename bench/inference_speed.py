@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import torch
-from machine import cpu_name  # bench/ is on sys.path when run as a script
+from machine import add_rows, cpu_name  # bench/ is on sys.path when run as a script
 
 from dicom_node.explain import explain
 from dicom_node.infer import Predictor
@@ -94,8 +94,7 @@ def main() -> int:
     text = "\n".join(rows) + "\n"
     sys.stdout.write(text)
     if args.write:
-        with args.write.open("a") as handle:
-            handle.write(text)
+        add_rows(args.write, "## Inference speed", text)
     return 0
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
-__all__ = ["cpu_name"]
+__all__ = ["add_rows", "cpu_name"]
 
 
 def cpu_name() -> str:
@@ -17,3 +17,21 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown CPU"
+
+
+def add_rows(path: Path, heading: str, rows: str) -> None:
+    """Add table rows at the end of the section that starts with ``heading`` (a line beginning
+    ``## ``), before the next section; at the end of the file when there is no such section."""
+    lines = path.read_text().splitlines(keepends=True) if path.exists() else []
+    start = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
+    if start is None:
+        with path.open("a") as handle:
+            handle.write(rows)
+        return
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    while end > start + 1 and not lines[end - 1].strip():
+        end -= 1  # before the blank lines that close the section
+    if lines[end - 1] and not lines[end - 1].endswith("\n"):
+        lines[end - 1] += "\n"
+    lines[end:end] = [rows]
+    path.write_text("".join(lines))

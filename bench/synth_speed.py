@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
-from machine import cpu_name  # noqa: E402  (bench/ is on sys.path when run as a script)
+from machine import add_rows, cpu_name  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from train.synth.generate import SynthOptions, generate  # noqa: E402
 
@@ -92,8 +92,7 @@ def main() -> int:
     )
     print(line)
     if args.write:
-        with args.write.open("a") as handle:
-            handle.write(line + "\n")
+        add_rows(args.write, "## Phantom generation speed", line + "\n")
     return 0
 
 
