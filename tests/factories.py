@@ -24,6 +24,7 @@ from dicom_node.models.codes import card_classes
 from dicom_node.store import Spool
 
 __all__ = [
+    "KNEE_OA_SPEC",
     "PIXELMED_SR_VALIDATOR",
     "FakeClock",
     "MemorySink",
@@ -144,6 +145,27 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(every)
+
+
+#: A site's fourth task, as conf.yaml would give it: Kellgren–Lawrence grades 0–4 on the AP
+#: view, in the site's own private scheme 99MYSITE.
+KNEE_OA_SPEC: dict[str, Any] = {
+    "label": "Knee osteoarthritis grade",
+    "finding": {"value": "396275006", "scheme": "SCT", "meaning": "Osteoarthritis"},
+    "site": {"value": "TF-JOINT", "scheme": "99MYSITE", "meaning": "Tibiofemoral joint"},
+    "evaluation": {"value": "KL-GRADE", "scheme": "99MYSITE", "meaning": "Kellgren-Lawrence grade"},
+    "routing": {"modality": ["CR", "DX"], "body_part": ["KNEE"]},
+    "views": ["AP"],
+    "classes": [
+        {
+            "name": f"KL {grade}",
+            "code_value": f"KL-{grade}",
+            "coding_scheme": "99MYSITE",
+            "code_meaning": f"Kellgren-Lawrence grade {grade}",
+        }
+        for grade in range(5)
+    ],
+}
 
 
 PIXELMED_SR_VALIDATOR = [

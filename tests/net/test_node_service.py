@@ -23,6 +23,7 @@ from dicom_node.config import Config
 from dicom_node.service import Service
 from tests.conftest import make_set, require_tool
 from tests.factories import (
+    KNEE_OA_SPEC,
     PIXELMED_SR_VALIDATOR,
     RecordingPacs,
     error_lines,
@@ -140,25 +141,6 @@ def test_a_late_instance_is_always_analysed(
         assert 1 <= len({r.SOPInstanceUID for r in pacs.of_study(study, "SR")}) <= state.version
         versions.append(state.version)
     assert max(versions) >= 2, versions  # the later delays reach a claimed study
-
-
-KNEE_OA_SPEC = {
-    "label": "Knee osteoarthritis grade",
-    "finding": {"value": "396275006", "scheme": "SCT", "meaning": "Osteoarthritis"},
-    "site": {"value": "49076000", "scheme": "SCT", "meaning": "Knee joint"},
-    "evaluation": {"value": "KL-GRADE", "scheme": "99MYSITE", "meaning": "Kellgren-Lawrence grade"},
-    "routing": {"modality": ["CR", "DX"], "body_part": ["KNEE"]},
-    "views": ["AP"],
-    "classes": [
-        {
-            "name": f"KL {grade}",
-            "code_value": f"KL-{grade}",
-            "coding_scheme": "99MYSITE",
-            "code_meaning": f"Kellgren-Lawrence grade {grade}",
-        }
-        for grade in range(5)
-    ],
-}
 
 
 @pytest.mark.integration

@@ -38,6 +38,7 @@ from dicom_node.models.codes import PRIVATE_SCHEME, classes_for
 from dicom_node.preprocess import display_image
 from dicom_node.tasks import TaskSpec, builtin_task, parse_spec
 from tests.conftest import make_set
+from tests.factories import KNEE_OA_SPEC
 
 NOW = dt.datetime(2025, 3, 4, 5, 6, 7)
 DEVICE_UID = "1.2.826.0.1.3680043.8.498.424242"
@@ -178,29 +179,7 @@ def standard_case(
 
 def knee_oa_spec() -> TaskSpec:
     """A site's fourth task: Kellgren–Lawrence grades 0–4 in its own private scheme 99MYSITE."""
-    return parse_spec(
-        "knee-oa",
-        {
-            "label": "Knee osteoarthritis grade",
-            "finding": {"value": "396275006", "scheme": "SCT", "meaning": "Osteoarthritis"},
-            "site": {"value": "TF-JOINT", "scheme": "99MYSITE", "meaning": "Tibiofemoral joint"},
-            "evaluation": {
-                "value": "KL-GRADE",
-                "scheme": "99MYSITE",
-                "meaning": "Kellgren-Lawrence grade",
-            },
-            "routing": {"body_part": ["KNEE"]},
-            "classes": [
-                {
-                    "name": f"KL {grade}",
-                    "code_value": f"KL-{grade}",
-                    "coding_scheme": "99MYSITE",
-                    "code_meaning": f"Kellgren-Lawrence grade {grade}",
-                }
-                for grade in range(5)
-            ],
-        },
-    )
+    return parse_spec("knee-oa", KNEE_OA_SPEC)
 
 
 def second_lateral(source: Dataset) -> Dataset:

@@ -337,13 +337,10 @@ def test_required_views_come_from_the_bundle(tmp_path: Path) -> None:
     assert assembler.promote() == 1
 
 
-def test_late_instance_while_processing_opens_a_new_version(tmp_path: Path) -> None:
-    """The old race, step by step: AP + LAT claimed, a second LAT routed while processing.
-
-    Before the fix, ``mark_routed`` only bumped the study's time and the completion of
-    version 1 succeeded, so the second LAT was acknowledged and never analysed.
-    """
-    knee = make_set(tmp_path, "k", task="knee", patients=1, seed=6)
+def _ready_knee_study(
+    tmp_path: Path, knee: Path
+) -> tuple[FakeClock, Spool, Assembler, pydicom.Dataset, pydicom.Dataset]:
+    """A phantom knee study's AP + LAT stored, routed and promoted to ready."""
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
     assembler = Assembler(spool, load_config(None).routing, KNEE_VIEWS, 10.0, clock)
@@ -351,7 +348,18 @@ def test_late_instance_while_processing_opens_a_new_version(tmp_path: Path) -> N
     store_file(spool, ap_bytes, ap)
     store_file(spool, lat_bytes, lat)
     assembler.route_new()
-    assembler.promote()
+    assert assembler.promote() == 1
+    return clock, spool, assembler, ap, lat
+
+
+def test_late_instance_while_processing_opens_a_new_version(tmp_path: Path) -> None:
+    """The old race, step by step: AP + LAT claimed, a second LAT routed while processing.
+
+    Before the fix, ``mark_routed`` only bumped the study's time and the completion of
+    version 1 succeeded, so the second LAT was acknowledged and never analysed.
+    """
+    knee = make_set(tmp_path, "k", task="knee", patients=1, seed=6)
+    clock, spool, assembler, ap, lat = _ready_knee_study(tmp_path, knee)
     [job1] = spool.claim_ready(8)
     assert job1.version == 1 and len(job1.views) == 2
     # ... the inference worker is busy with job1; the second LAT is stored and routed.
@@ -379,14 +387,7 @@ def test_late_instance_while_processing_opens_a_new_version(tmp_path: Path) -> N
 
 def test_outputs_are_queued_once_and_only_for_the_current_version(tmp_path: Path) -> None:
     knee = make_set(tmp_path, "k", task="knee", patients=1, seed=8)
-    clock = FakeClock()
-    spool = Spool(tmp_path / "spool", clock=clock)
-    assembler = Assembler(spool, load_config(None).routing, KNEE_VIEWS, 10.0, clock)
-    (ap_bytes, ap), (lat_bytes, lat) = instance_bytes(knee)
-    store_file(spool, ap_bytes, ap)
-    store_file(spool, lat_bytes, lat)
-    assembler.route_new()
-    assembler.promote()
+    _, spool, assembler, ap, _ = _ready_knee_study(tmp_path, knee)
     [job] = spool.claim_ready(8)
     outputs = [tmp_path / "sr.dcm", tmp_path / "sc1.dcm"]
     assert spool.complete(job, outputs, ["pacs", "archive"])
@@ -409,14 +410,7 @@ def test_outputs_are_queued_once_and_only_for_the_current_version(tmp_path: Path
 
 def test_an_instance_for_a_ready_study_joins_its_job(tmp_path: Path) -> None:
     knee = make_set(tmp_path, "k", task="knee", patients=1, seed=7)
-    clock = FakeClock()
-    spool = Spool(tmp_path / "spool", clock=clock)
-    assembler = Assembler(spool, load_config(None).routing, KNEE_VIEWS, 10.0, clock)
-    (ap_bytes, ap), (lat_bytes, lat) = instance_bytes(knee)
-    store_file(spool, ap_bytes, ap)
-    store_file(spool, lat_bytes, lat)
-    assembler.route_new()
-    assembler.promote()
+    _, spool, assembler, ap, _ = _ready_knee_study(tmp_path, knee)
     resend(spool, knee / "dicom" / ap.PatientID / "02_LAT.dcm")
     assembler.route_new()  # the study is 'ready', not yet claimed: same version
     [job] = spool.claim_ready(8)
