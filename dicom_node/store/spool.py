@@ -13,7 +13,7 @@ fsynced, renamed into place, its directory fsynced, and its row committed, and o
 network. On start, jobs left half-done by a crash go back to the queue.
 
 The class is the store interface the stages use; a PostgreSQL implementation with the same
-methods can replace it when several nodes share one queue. It is one file of about 500 lines on
+methods can replace it when several nodes share one queue. It is one file of about 550 lines on
 purpose: one class over one connection, so that each state transition is one transaction next
 to the schema it changes.
 """
