@@ -49,7 +49,8 @@ def calibrate(
     Without ``min_sensitivity`` / ``min_specificity`` the rule that set the bundle's operating
     point is kept."""
     bundle = load_bundle(bundle_path)
-    dataset = select_studies(read_dataset(data, labels), bundle_path, subset)
+    names = [c.name for c in bundle.card.classes]
+    dataset = select_studies(read_dataset(data, labels, classes=names), bundle_path, subset)
     samples, probabilities = predict_views(bundle, dataset)
     truth = np.array([s.label_index for s in samples])
     old = bundle.card.temperature

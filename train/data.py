@@ -95,7 +95,10 @@ class LabelledSet:
 
 
 def read_dataset(
-    data: Path, labels: Path | None = None, config: Config | None = None
+    data: Path,
+    labels: Path | None = None,
+    config: Config | None = None,
+    classes: Sequence[str] | None = None,
 ) -> LabelledSet:
     """Read a manifest folder, or a DICOM folder with a labels CSV.
 
@@ -112,8 +115,18 @@ def read_dataset(
                 f"{data} has no manifest.csv: pass --labels LABELS.csv for a DICOM folder "
                 "(docs/training.md)"
             )
-        return _from_manifest(data, manifest, config)
-    return _from_labels(data, labels, config or Config())
+        return _from_manifest(data, manifest, config, classes)
+    return _from_labels(data, labels, config or Config(), classes)
+
+
+def _class_names(
+    task: str, config: Config | None, classes: Sequence[str] | None
+) -> tuple[str, ...]:
+    """The task's class names in output order: a bundle's (``classes``) when given, else its
+    spec's."""
+    if classes is not None:
+        return tuple(classes)
+    return tuple(c.name for c in task_spec(task, config).classes)
 
 
 def task_spec(task: str, config: Config | None = None) -> TaskSpec:
@@ -124,7 +137,12 @@ def task_spec(task: str, config: Config | None = None) -> TaskSpec:
     return builtin_task(task)
 
 
-def _from_manifest(data: Path, manifest: Path, config: Config | None = None) -> LabelledSet:
+def _from_manifest(
+    data: Path,
+    manifest: Path,
+    config: Config | None = None,
+    classes: Sequence[str] | None = None,
+) -> LabelledSet:
     with manifest.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
@@ -139,7 +157,7 @@ def _from_manifest(data: Path, manifest: Path, config: Config | None = None) -> 
     if len(tasks) != 1:
         raise ValueError(f"{manifest} mixes tasks {sorted(tasks)}; train one task at a time")
     task = tasks.pop()
-    names = tuple(c.name for c in task_spec(task, config).classes)
+    names = _class_names(task, config, classes)
     samples = []
     for row in rows:
         if row["label"] not in names:
@@ -161,7 +179,9 @@ def _from_manifest(data: Path, manifest: Path, config: Config | None = None) -> 
     return LabelledSet(task, names, tuple(samples), fingerprint)
 
 
-def _from_labels(data: Path, labels: Path, config: Config) -> LabelledSet:
+def _from_labels(
+    data: Path, labels: Path, config: Config, classes: Sequence[str] | None = None
+) -> LabelledSet:
     with labels.open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     keys = [
@@ -229,7 +249,7 @@ def _from_labels(data: Path, labels: Path, config: Config) -> LabelledSet:
             f"{sorted(tasks)}; train one task at a time"
         )
     task = tasks.pop()
-    names = tuple(c.name for c in task_spec(task, config).classes)
+    names = _class_names(task, config, classes)
     samples = []
     for _, sample, label in found:
         if label not in names:

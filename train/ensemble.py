@@ -43,7 +43,7 @@ def refit(
     if len(views) != 2:
         raise ValueError(f"the {bundle.card.task} bundle has one view ({views}); nothing to fuse")
     names = [c.name for c in bundle.classes]
-    full = read_dataset(data, labels)
+    full = read_dataset(data, labels, classes=names)
     samples, probabilities = predict_views(bundle, select_studies(full, bundle_path, subset))
     _, per_view, truth = by_study(samples, np.arange(len(samples)), probabilities, views)
     stacker, scores = fit_stacker(per_view, truth, views, len(names))

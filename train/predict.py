@@ -152,7 +152,7 @@ def evaluate(
         ``saliency`` when asked.
     """
     bundle = load_bundle(bundle_path)
-    dataset = read_dataset(data, labels)
+    dataset = read_dataset(data, labels, classes=[c.name for c in bundle.card.classes])
     if dataset.task != bundle.card.task:
         raise ValueError(f"{data} is a {dataset.task} set but the bundle is for {bundle.card.task}")
     jobs, studies = study_jobs(dataset)

@@ -278,5 +278,7 @@ def test_fit_trains_a_task_defined_in_conf_yaml(tmp_path: Path) -> None:
     card = json.loads((out / "card.json").read_text())
     assert card["task"] == "knee-two"
     assert card["classes"] == classes
+    # The bundle's card names the classes: evaluate needs no --config.
+    assert train_main(["evaluate", "--bundle", str(out), "--data", str(data)]) == 0
     without = ["fit", "--data", str(data), "--out", str(tmp_path / "b2"), "--epochs", "1"]
     assert train_main(without) == 2  # not built in, and no --config: a clear error
