@@ -32,7 +32,7 @@ import contextlib
 import copy
 import functools
 import threading
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -290,7 +290,19 @@ class ResizeLongest(Transform):
         return Resize(shape, mode="bilinear", align_corners=False)(img)
 
 
-class ResizeLongestd(MapTransform):
+class _Applied(MapTransform):
+    """Dictionary wrapper that applies one array transform (``self.transform``) to ``keys``."""
+
+    transform: Callable[[Any], Any]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.transform(d[key])
+        return d
+
+
+class ResizeLongestd(_Applied):
     """Dictionary wrapper of :class:`ResizeLongest`."""
 
     backend = ResizeLongest.backend
@@ -299,13 +311,7 @@ class ResizeLongestd(MapTransform):
         self, keys: str | Sequence[Hashable], size: int, allow_missing_keys: bool = False
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.resizer = ResizeLongest(size)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.resizer(d[key])
-        return d
+        self.transform = ResizeLongest(size)
 
 
 # --- 4. normalisation --------------------------------------------------------------------------
@@ -331,7 +337,7 @@ class Standardise(Transform):
         return convert_to_dst_type(out, tracked)[0]
 
 
-class Standardised(MapTransform):
+class Standardised(_Applied):
     """Dictionary wrapper of :class:`Standardise`."""
 
     backend = Standardise.backend
@@ -343,13 +349,7 @@ class Standardised(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.standardiser = Standardise(min_std)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.standardiser(d[key])
-        return d
+        self.transform = Standardise(min_std)
 
 
 # --- the composition ---------------------------------------------------------------------------
