@@ -9,7 +9,6 @@ marked sent when the destination answered success (0x0000) or a warning
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -82,10 +81,8 @@ class Sender:
     destination (PACS store instances in parallel; one association at a time pays each
     instance's storage latency in turn).
 
-    :meth:`step` hands every due item that is not already being sent to a worker thread;
-    ``step(wait=True)`` (the default, used by tests and the CLI) returns once they are done,
-    ``wait=False`` (the node) at once — ``on_done`` is called after each association, so the
-    node can look for more work.
+    :meth:`step` sends every due item, split over the associations (each on a thread of the
+    sender's pool), and returns once they are all done.
     """
 
     def __init__(
@@ -97,7 +94,6 @@ class Sender:
         transport: Callable[..., dict[Path, str | None]] = send_files,
         observe: Callable[[str, float], None] | None = None,
         clock: Callable[[], float] = time.time,
-        on_done: Callable[[], None] | None = None,
     ) -> None:
         self.spool = spool
         self.destinations = {d.key: d for d in destinations}
@@ -106,19 +102,14 @@ class Sender:
         self.transport = transport
         self.observe = observe
         self.clock = clock
-        self.on_done = on_done
         self._pool = ThreadPoolExecutor(
             max_workers=max(1, policy.associations * max(1, len(self.destinations))),
             thread_name_prefix="orthonode-send",
         )
-        self._lock = threading.Lock()
-        self._in_flight: set[int] = set()
 
-    def step(self, wait: bool = True) -> int:
-        """Start sending every due item not already in flight; returns how many were started."""
-        with self._lock:
-            due = [item for item in self.spool.due() if item.id not in self._in_flight]
-            self._in_flight.update(item.id for item in due)
+    def step(self) -> int:
+        """Try every due item once; returns how many were attempted."""
+        due = self.spool.due()
         by_destination: dict[str, list[OutboxItem]] = {}
         for item in due:
             by_destination.setdefault(item.destination, []).append(item)
@@ -128,7 +119,6 @@ class Sender:
             if destination is None:
                 for item in items:
                     self.spool.mark_failed(item.id, f"destination {name!r} is not configured", None)
-                self._finished(items)
                 continue
             if self.observe is not None:
                 now = self.clock()
@@ -140,18 +130,13 @@ class Sender:
                 futures.append(
                     self._pool.submit(self._send, destination, name, items[index::chunks])
                 )
-        if wait:
-            for future in futures:
-                future.result()
+        for future in futures:
+            future.result()
         return len(due)
 
     def close(self) -> None:
         """Let running sends finish; no new ones start."""
         self._pool.shutdown(wait=True)
-
-    def _finished(self, items: Sequence[OutboxItem]) -> None:
-        with self._lock:
-            self._in_flight.difference_update(item.id for item in items)
 
     def _send(self, destination: DestinationConfig, name: str, items: list[OutboxItem]) -> None:
         """One association: send ``items``, record each result (never raises)."""
@@ -171,10 +156,6 @@ class Sender:
                 self._record(item, name, results.get(item.path, "not attempted"))
         except Exception:
             log.exception("sending to %s failed unexpectedly; the items stay queued", name)
-        finally:
-            self._finished(items)
-            if self.on_done is not None:
-                self.on_done()
 
     def _record(self, item: OutboxItem, name: str, problem: str | None) -> None:
         if problem is None:
