@@ -92,10 +92,6 @@ class TaskSpec(_Frozen):
         """The default classes as card.json lists them."""
         return [c.model_dump() for c in self.classes]
 
-    def codes(self) -> tuple[Code, ...]:
-        """Every coded concept of the spec (for the SR's coding scheme declarations)."""
-        return (self.finding, self.site, self.evaluation)
-
 
 def parse_spec(name: str, data: dict[str, Any]) -> TaskSpec:
     """A spec from its YAML mapping; ``name`` is the key it is filed under."""
