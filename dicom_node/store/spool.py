@@ -308,21 +308,21 @@ class Spool:
         those whose newest instance is older than ``quiet_since``. Returns how many moved."""
         promoted = 0
         with self._transaction() as db:
-            studies = db.execute(
-                "SELECT study_instance_uid, task, last_received_at FROM studies "
-                "WHERE state = 'collecting'"
+            # One query for every collecting study's views (a study has at least one).
+            rows = db.execute(
+                "SELECT s.study_instance_uid, s.task, s.last_received_at, i.view "
+                "FROM studies s JOIN instances i ON i.study_instance_uid = s.study_instance_uid "
+                "AND i.task = s.task AND i.routed = 1 WHERE s.state = 'collecting' "
+                "GROUP BY s.study_instance_uid, s.task, i.view"
             ).fetchall()
-            for study_instance_uid, task, last_received_at in studies:
-                present = {
-                    row[0]
-                    for row in db.execute(
-                        "SELECT DISTINCT view FROM instances WHERE study_instance_uid = ? "
-                        "AND task = ? AND routed = 1",
-                        (study_instance_uid, task),
-                    )
-                }
-                complete = set(required_views.get(task, ())) <= present
-                if not present or not (complete or last_received_at <= quiet_since):
+            present: dict[tuple[str, str], set[str]] = {}
+            last: dict[tuple[str, str], float] = {}
+            for study_instance_uid, task, last_received_at, view in rows:
+                present.setdefault((study_instance_uid, task), set()).add(view)
+                last[(study_instance_uid, task)] = last_received_at
+            for (study_instance_uid, task), views in present.items():
+                complete = set(required_views.get(task, ())) <= views
+                if not (complete or last[(study_instance_uid, task)] <= quiet_since):
                     continue
                 db.execute(
                     "UPDATE studies SET state = 'ready', updated_at = ? "
