@@ -219,7 +219,11 @@ class Config(BaseSettings):
         for name, task in value.items():
             if isinstance(task, TaskConfig):
                 task = task.model_dump()
-            if not isinstance(task, dict) or not re.match(TASK_NAME_PATTERN, str(name)):
+            if not re.match(TASK_NAME_PATTERN, str(name)):
+                raise ValueError(
+                    f"task name {name!r}: use lower-case letters, digits and dashes (e.g. knee-oa)"
+                )
+            if not isinstance(task, dict):
                 resolved[name] = task  # the field's own validation names the problem
                 continue
             spec = task.get("spec")

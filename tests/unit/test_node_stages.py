@@ -64,6 +64,9 @@ def test_config_rejects_invalid_yaml_and_unknown_tasks(tmp_path: Path) -> None:
     path.write_text("tasks:\n  elbow:\n    bundle: weights/elbow\n")
     with pytest.raises(ConfigError, match=r"elbow.*spec"):
         load_config(path)
+    path.write_text("tasks:\n  Knee OA:\n    bundle: weights/x\n")
+    with pytest.raises(ConfigError, match="lower-case letters"):
+        load_config(path)
     path.write_text("routing:\n  - {task: elbow, body_part: [ELBOW]}\n")
     with pytest.raises(ConfigError, match="elbow"):
         load_config(path)
