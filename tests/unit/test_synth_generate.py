@@ -364,3 +364,274 @@ def test_lucency_free_option_reaches_the_manifest(tmp_path: Path) -> None:
     for row in rows:
         assert row["label"] == "loose" and row["design_lucent_zones"] == ""
         assert float(row["design_subsidence_mm"]) > 0 or int(row["design_osteolysis"]) > 0
+
+
+# -- --implant, --task other, --tags-as, --no-tags ------------------------------------------------
+
+NEW_COLUMNS = ("implant", "other_metal", "implant_visible", "anatomy", "tagged_as")
+
+
+@pytest.fixture(scope="module")
+def variant_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The same patients (seed 5) with the implant present, absent, replaced or cut off."""
+    root = tmp_path_factory.mktemp("variants")
+    sets = {}
+    for task in ("knee", "spine"):
+        for implant in ("present", "none", "other", "cut"):
+            patients = 2 if implant == "cut" else 3
+            sets[f"{task}-{implant}"] = make_set(
+                root, f"{task}-{implant}", task=task, patients=patients, seed=5, implant=implant
+            )
+    sets["hip-other"] = make_set(root, "hip-other", task="hip", patients=3, seed=5, implant="other")
+    sets["hip-cut"] = make_set(root, "hip-cut", task="hip", patients=2, seed=5, implant="cut")
+    return sets
+
+
+def _pixels(folder: Path, row: dict[str, str]) -> np.ndarray:
+    return pydicom.dcmread(folder / row["path"]).pixel_array.astype(np.float64)
+
+
+def _mask(folder: Path, row: dict[str, str]) -> np.ndarray:
+    return np.array(Image.open(folder / row["mask_path"]))
+
+
+def test_new_manifest_columns_follow_the_old_ones(variant_sets: dict[str, Path]) -> None:
+    assert MANIFEST_COLUMNS[-len(NEW_COLUMNS) :] == NEW_COLUMNS
+    for name, folder in variant_sets.items():
+        with (folder / "manifest.csv").open() as handle:
+            header = next(csv.reader(handle))
+        assert header[: len(MANIFEST_COLUMNS)] == list(MANIFEST_COLUMNS), name
+        assert all(h.startswith("design_") for h in header[len(MANIFEST_COLUMNS) :])
+    for row in _manifest(variant_sets["knee-present"]):
+        assert (row["implant"], row["other_metal"], row["implant_visible"]) == (
+            "present",
+            "",
+            "1.000",
+        )
+        assert row["anatomy"] == row["tagged_as"] == "knee"
+        assert row["label"] in knee.CLASSES and int(row["label_index"]) >= 0
+
+
+@pytest.mark.parametrize("implant", ["none", "other"])
+@pytest.mark.parametrize("task", ["knee", "spine"])
+def test_rows_without_the_implant(variant_sets: dict[str, Path], task: str, implant: str) -> None:
+    folder = variant_sets[f"{task}-{implant}"]
+    module = {"knee": knee, "spine": spine}[task]
+    rows = _manifest(folder)
+    assert rows
+    for row in rows:
+        assert row["implant"] == implant and row["label"] == "" and row["label_index"] == "-1"
+        assert row["implant_visible"] == "0.000"
+        assert row["anatomy"] == row["tagged_as"] == task
+        if implant == "other":
+            assert row["other_metal"] in module.OTHER_METAL
+        else:
+            assert row["other_metal"] == ""
+        assert not _mask(folder, row).any(), row["mask_path"]
+    # One kind of hardware per patient: both views agree.
+    by_patient = defaultdict(set)
+    for row in rows:
+        by_patient[row["patient_id"]].add(row["other_metal"])
+    assert all(len(kinds) == 1 for kinds in by_patient.values())
+
+
+def test_hip_other_hardware(variant_sets: dict[str, Path]) -> None:
+    folder = variant_sets["hip-other"]
+    for row in _manifest(folder):
+        assert row["implant"] == "other" and row["other_metal"] in hip.OTHER_METAL
+        assert not _mask(folder, row).any()
+        assert row["label"] == "" and row["label_index"] == "-1"
+
+
+@pytest.mark.parametrize("task", ["knee", "spine"])
+def test_none_has_no_metal_where_present_has_it(variant_sets: dict[str, Path], task: str) -> None:
+    """The same patient with and without the implant: inside the implant's mask the present
+    image is metal-bright and the native one is not."""
+    present, native = variant_sets[f"{task}-present"], variant_sets[f"{task}-none"]
+    for a, b in zip(_manifest(present), _manifest(native), strict=True):
+        assert (a["patient_id"], a["view"], a["bits_stored"]) == (
+            b["patient_id"],
+            b["view"],
+            b["bits_stored"],
+        )
+        assert a["sop_instance_uid"] != b["sop_instance_uid"]
+        top = (1 << int(a["bits_stored"])) - 1
+        with_implant, without = _pixels(present, a), _pixels(native, b)
+        mask = _mask(present, a) > 0
+        assert (with_implant[mask] > 0.85 * top).mean() > 0.5, a["path"]
+        assert (without[mask] > 0.85 * top).mean() < 0.25, b["path"]
+        rows, cols = with_implant.shape
+        centre = (
+            slice(int(0.18 * rows), int(0.88 * rows)),
+            slice(int(0.12 * cols), int(0.88 * cols)),
+        )
+        assert np.percentile(without[centre], 99.9) < np.percentile(with_implant[centre], 99.9)
+
+
+@pytest.mark.parametrize("task", ["knee", "spine", "hip"])
+def test_cut_leaves_at_most_five_percent_in_the_field(
+    variant_sets: dict[str, Path], task: str
+) -> None:
+    folder = variant_sets[f"{task}-cut"]
+    rows = _manifest(folder)
+    assert rows
+    for row in rows:
+        assert row["implant"] == "cut" and row["label"] == "" and row["label_index"] == "-1"
+        assert row["other_metal"] == ""
+        assert 0.0 <= float(row["implant_visible"]) <= 0.05
+        assert row["design_cut_axis"]  # the direction the field was moved
+    if task == "hip":
+        return
+    # The cut masks hold what little of the implant is left: far less than a present image's.
+    present = {
+        (r["patient_id"], r["view"]): _mask(variant_sets[f"{task}-present"], r) > 0
+        for r in _manifest(variant_sets[f"{task}-present"])
+    }
+    for row in rows:
+        full = present[(row["patient_id"], row["view"])].sum()
+        assert (_mask(folder, row) > 0).sum() <= 0.1 * full, row["path"]
+
+
+def test_present_patients_are_unchanged_in_a_mixed_set(tmp_path: Path) -> None:
+    """--implant mixed draws from its own stream: its present patients are byte for byte the
+    patients of a present set, and the shares are about 40/20/25/15 %."""
+    mixed = make_set(
+        tmp_path, "mixed", task="hip", patients=40, seed=6, rows=128, cols=128, implant="mixed"
+    )
+    rows = _manifest(mixed)
+    counts = Counter(r["implant"] for r in rows)
+    assert sum(counts.values()) == 40
+    assert 10 <= counts["present"] <= 22 and 3 <= counts["none"] <= 14
+    assert 4 <= counts["other"] <= 16 and 1 <= counts["cut"] <= 11
+    present = make_set(tmp_path, "present", task="hip", patients=6, seed=6, rows=128, cols=128)
+    same = [
+        r
+        for r in _manifest(present)
+        if r["sop_instance_uid"] in {m["sop_instance_uid"] for m in rows}
+    ]
+    assert same  # some of the first six patients are present in the mixed set
+    for row in same:
+        assert filecmp.cmp(present / row["path"], mixed / row["path"], shallow=False)
+        assert filecmp.cmp(present / row["mask_path"], mixed / row["mask_path"], shallow=False)
+
+
+def test_mixed_shares_over_many_patients() -> None:
+    from train.synth.generate import MIXED_SHARES, SynthOptions, _implant_case
+
+    options = SynthOptions(task="knee", patients=1, out=Path("unused"), implant="mixed")
+    cases = Counter(
+        _implant_case(options, np.random.default_rng([0, 1, i, 104729])) for i in range(4000)
+    )
+    for case, share in MIXED_SHARES:
+        assert abs(cases[case] / 4000 - share) < 0.03, (case, cases)
+
+
+def test_task_other_writes_valid_files(tmp_path: Path, strict_reading: None) -> None:
+    folder = make_set(tmp_path, "other", task="other", patients=6, seed=2)
+    rows = _manifest(folder)
+    assert len(rows) == 12
+    regions = Counter(r["design_region"] for r in rows)
+    assert set(regions) == {"chest", "ankle"}
+    for row in rows:
+        assert row["task"] == row["anatomy"] == row["tagged_as"] == "other"
+        assert row["label"] == "" and row["label_index"] == "-1"
+        assert row["implant"] in ("none", "other")
+        assert (row["implant"] == "other") == bool(row["other_metal"])
+        assert not _mask(folder, row).any()
+        ds = pydicom.dcmread(folder / row["path"])
+        assert (
+            ds.SOPClassUID == DX_FOR_PRESENTATION and ds.SOPInstanceUID == row["sop_instance_uid"]
+        )
+        chest = row["design_region"] == "chest"
+        assert ds.BodyPartExamined == ("CHEST" if chest else "ANKLE")
+        assert ds.ImageLaterality == ("U" if chest else row["laterality"])
+        assert ds.ViewPosition in ({"AP": ("PA", "AP"), "LAT": ("LL", "LAT")}[row["view"]])
+        assert ds.ViewCodeSequence[0].CodeValue
+        assert int(ds.pixel_array.max()) < (1 << ds.BitsStored)
+    metal = make_set(tmp_path, "metal", task="other", patients=2, seed=2, implant="other")
+    assert all(r["implant"] == "other" and r["other_metal"] for r in _manifest(metal))
+    with pytest.raises(ValueError, match="cut"):
+        make_set(tmp_path, "cut", task="other", patients=1, implant="cut")
+
+
+def test_tags_as_another_task(tmp_path: Path, strict_reading: None) -> None:
+    plain = make_set(tmp_path, "plain", task="knee", patients=2, seed=8, bits_stored=10)
+    tagged = make_set(
+        tmp_path, "tagged", task="knee", patients=2, seed=8, bits_stored=10, tags_as="hip"
+    )
+    for a, b in zip(_manifest(plain), _manifest(tagged), strict=True):
+        assert b["task"] == b["anatomy"] == "knee" and b["tagged_as"] == "hip"
+        assert b["label"] == a["label"] and b["implant"] == "present"
+        assert b["sop_instance_uid"] != a["sop_instance_uid"]  # another image, another UID
+        ds_a, ds_b = pydicom.dcmread(plain / a["path"]), pydicom.dcmread(tagged / b["path"])
+        assert ds_a.BitsStored == ds_b.BitsStored == 10 and int(ds_b.pixel_array.max()) < 1024
+        assert np.array_equal(ds_a.pixel_array, ds_b.pixel_array)
+        assert ds_b.BodyPartExamined == "HIP"
+        assert ds_b.StudyDescription.startswith("HIP") and ds_b.SeriesDescription.startswith("HIP")
+        assert ds_b.AnatomicRegionSequence[0].CodeValue == "24136001"
+        assert ds_b.SOPInstanceUID == b["sop_instance_uid"]
+        assert ds_b.ViewPosition == ds_a.ViewPosition
+
+
+def test_no_tags_omits_body_part_and_view(tmp_path: Path, strict_reading: None) -> None:
+    from dicom_node.config import Config
+    from dicom_node.route import route
+
+    plain = make_set(tmp_path, "plain", task="spine", patients=2, seed=8)
+    bare = make_set(tmp_path, "bare", task="spine", patients=2, seed=8, no_tags=True)
+    for a, b in zip(_manifest(plain), _manifest(bare), strict=True):
+        ds_a, ds = pydicom.dcmread(plain / a["path"]), pydicom.dcmread(bare / b["path"])
+        assert np.array_equal(ds_a.pixel_array, ds.pixel_array)
+        for keyword in (
+            "BodyPartExamined",
+            "ViewPosition",
+            "ViewCodeSequence",
+            "SeriesDescription",
+        ):
+            assert keyword not in ds, keyword
+        assert "AnatomicRegionSequence" in ds and len(ds.AnatomicRegionSequence) == 0  # Type 2
+        assert "SPINE" not in ds.StudyDescription.upper()
+        assert b["task"] == b["tagged_as"] == "spine"
+        tags = {k: ds.get(k, "") for k in ("Modality", "BodyPartExamined", "ViewPosition")}
+        assert route(tags, Config().routing.rules) is None
+        tags_a = {k: ds_a.get(k, "") for k in ("Modality", "BodyPartExamined", "ViewPosition")}
+        assert route(tags_a, Config().routing.rules) is not None
+
+
+def test_implant_options_from_the_command_line(tmp_path: Path) -> None:
+    from train.synth.generate import get_args_parser, options_from_args
+
+    argv = ["--task", "knee", "--patients", "2", "--out", str(tmp_path / "x")]
+    options = options_from_args(get_args_parser().parse_args(argv))
+    assert (options.implant, options.tags_as, options.no_tags) == ("present", None, False)
+    extra = ["--implant", "mixed", "--tags-as", "other", "--no-tags", "--bits-stored", "10"]
+    options = options_from_args(get_args_parser().parse_args([*argv, *extra]))
+    assert (options.implant, options.tags_as, options.no_tags) == ("mixed", "other", True)
+    assert options.bits_stored == 10
+    with pytest.raises(SystemExit):
+        get_args_parser().parse_args([*argv, "--implant", "sometimes"])
+    with pytest.raises(ValueError):
+        make_set(tmp_path, "bad", task="knee", patients=1, tags_as="elbow")
+
+
+@pytest.mark.integration
+def test_new_kinds_pass_dciodvfy(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.conftest import require_tool
+
+    dciodvfy = require_tool("dciodvfy")
+    folders = [
+        make_set(tmp_path, "none", task="knee", patients=1, seed=3, implant="none", no_tags=True),
+        make_set(tmp_path, "other", task="other", patients=2, seed=3, bits_stored=10),
+        make_set(tmp_path, "cut", task="spine", patients=1, seed=3, implant="cut", tags_as="hip"),
+    ]
+    for folder in folders:
+        for row in _manifest(folder):
+            result = subprocess.run(
+                [dciodvfy, str(folder / row["path"])], capture_output=True, text=True, timeout=60
+            )
+            errors = [
+                ln for ln in (result.stdout + result.stderr).splitlines() if ln.startswith("Error")
+            ]
+            assert errors == [], (row["path"], errors)

@@ -70,9 +70,10 @@ class CheckResult:
 
 def _load(directory: Path, size: int) -> tuple[np.ndarray, list[dict[str, str]]]:
     with (directory / "manifest.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+        # Only images with the task's implant have a class (``--implant`` may add others).
+        rows = [r for r in csv.DictReader(handle) if r.get("implant", "present") == "present"]
     if not rows:
-        raise ValueError(f"{directory}/manifest.csv lists no images")
+        raise ValueError(f"{directory}/manifest.csv lists no images with the implant present")
     images = np.zeros((len(rows), size, size), dtype=np.float32)
     for i, row in enumerate(rows):
         ds = pydicom.dcmread(directory / row["path"])

@@ -36,15 +36,19 @@ CR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.1")
 MANUFACTURER = "orthonode phantom generator"
 _UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/orthonode/phantoms")
 
-#: Body part per task: (BodyPartExamined, SNOMED CT code, code meaning).
+#: Body part per task, and per region of the "other" task: (BodyPartExamined, SNOMED CT code,
+#: code meaning; CID 4031).
 ANATOMY: dict[str, tuple[str, str, str]] = {
     "knee": ("KNEE", "72696002", "Knee"),
     "hip": ("HIP", "24136001", "Hip joint"),
     "spine": ("LSPINE", "122496007", "Lumbar spine"),
+    "chest": ("CHEST", "816094009", "Chest"),
+    "ankle": ("ANKLE", "70258002", "Ankle joint"),
 }
 #: CID 4010 (DX View) codes for the ViewPosition values the generator writes.
 _VIEW_CODES: dict[str, tuple[str, str, str]] = {
     "AP": ("399348003", "SCT", "antero-posterior"),
+    "PA": ("272479007", "SCT", "postero-anterior"),
     "LL": ("399173006", "SCT", "left lateral"),
     "LAT": ("399067008", "SCT", "lateral"),
 }
@@ -95,6 +99,8 @@ class ImageHeader:
     transfer_syntax: str  # explicit or jpeg2000
     kvp: float
     exposure_mas: float
+    body_part_key: str = ""  # the ANATOMY key of the tags written ("": the task's)
+    anatomy_tags: bool = True  # False: no tag that names the body part or the view
 
 
 def _code(value: str, scheme: str, meaning: str) -> Dataset:
@@ -155,16 +161,21 @@ def build_dataset(patient: PatientHeader, image: ImageHeader, pixels: np.ndarray
     ds.Manufacturer = MANUFACTURER
     ds.InstitutionName = "orthonode synthetic hospital"
     ds.ReferringPhysicianName = ""
-    body_part, region_code, region_meaning = ANATOMY[image.task]
-    ds.StudyDescription = f"{body_part} RADIOGRAPHS (SYNTHETIC PHANTOM)"
-    ds.SeriesDescription = f"{body_part} {image.view_position}"
+    body_part, region_code, region_meaning = ANATOMY[image.body_part_key or image.task]
+    tags = image.anatomy_tags
+    if tags:
+        ds.StudyDescription = f"{body_part} RADIOGRAPHS (SYNTHETIC PHANTOM)"
+        ds.SeriesDescription = f"{body_part} {image.view_position}"
+    else:
+        ds.StudyDescription = "RADIOGRAPHS (SYNTHETIC PHANTOM)"
     ds.ManufacturerModelName = "orthonode-synth"
     ds.PatientName = patient.patient_name
     ds.PatientID = patient.patient_id
     ds.PatientBirthDate = patient.birth_date
     ds.PatientSex = patient.sex
     ds.PatientIdentityRemoved = "NO"
-    ds.BodyPartExamined = body_part
+    if tags:
+        ds.BodyPartExamined = body_part
     ds.KVP = f"{image.kvp:.0f}"
     ds.DeviceSerialNumber = "PHANTOM-0001"
     ds.SoftwareVersions = f"orthonode-synth {__version__}"
@@ -173,7 +184,8 @@ def build_dataset(patient: PatientHeader, image: ImageHeader, pixels: np.ndarray
     ds.DistanceSourceToPatient = f"{source_to_patient:.1f}"
     ds.Exposure = f"{image.exposure_mas:.0f}"
     ds.ImagerPixelSpacing = [f"{image.imager_pixel_spacing_mm:.4f}"] * 2
-    ds.ViewPosition = image.view_position
+    if tags:
+        ds.ViewPosition = image.view_position
     ds.ImageComments = "SYNTHETIC PHANTOM - NOT A REAL PATIENT"
     ds.StudyInstanceUID = patient.study_instance_uid
     ds.SeriesInstanceUID = image.series_instance_uid
@@ -182,7 +194,9 @@ def build_dataset(patient: PatientHeader, image: ImageHeader, pixels: np.ndarray
     ds.InstanceNumber = 1
     ds.PatientOrientation = list(image.patient_orientation)
     ds.ImageLaterality = image.laterality
-    ds.AnatomicRegionSequence = Sequence([_code(region_code, "SCT", region_meaning)])
+    # Type 2: present, and empty when the body part is not to be told.
+    codes = [_code(region_code, "SCT", region_meaning)] if tags else []
+    ds.AnatomicRegionSequence = Sequence(codes)
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = image.photometric
     ds.Rows, ds.Columns = (int(n) for n in pixels.shape)
@@ -205,12 +219,19 @@ def build_dataset(patient: PatientHeader, image: ImageHeader, pixels: np.ndarray
         ds.PixelIntensityRelationshipSign = -1 if image.photometric == "MONOCHROME2" else 1
         ds.PresentationLUTShape = "IDENTITY" if image.photometric == "MONOCHROME2" else "INVERSE"
         ds.EstimatedRadiographicMagnificationFactor = f"{1150.0 / source_to_patient:.6f}"
-        ds.ViewCodeSequence = Sequence([_code(*_VIEW_CODES[image.view_position])])
+        if tags:
+            ds.ViewCodeSequence = Sequence([_code(*_VIEW_CODES[image.view_position])])
         ds.AcquisitionContextSequence = Sequence()
         ds.PositionerType = "NONE"
     ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
     if ts == JPEG2000Lossless:
-        ds.compress(JPEG2000Lossless, np.ascontiguousarray(pixels), encoding_plugin="pylibjpeg")
+        # Keep the derived SOPInstanceUID (pydicom would draw a random one).
+        ds.compress(
+            JPEG2000Lossless,
+            np.ascontiguousarray(pixels),
+            encoding_plugin="pylibjpeg",
+            generate_instance_uid=False,
+        )
     return ds
 
 

@@ -40,7 +40,9 @@ def _tile(folder: Path, row: dict[str, str], outline: bool) -> np.ndarray:
 def make_figure(folder: Path, out: Path) -> Path:
     """Write the example grid for the phantom set in ``folder`` to ``out``."""
     with (folder / "manifest.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+        rows = [r for r in csv.DictReader(handle) if r.get("implant", "present") == "present"]
+    if not rows:
+        raise ValueError(f"{folder}/manifest.csv lists no images with the implant present")
     views = sorted({r["view"] for r in rows}, key=lambda v: (v != "AP", v))
     labels = sorted(
         {r["label"] for r in rows},

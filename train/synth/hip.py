@@ -14,21 +14,25 @@ medial for a right hip (AP) or anterior (lateral).
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
 
 from dicom_node.tasks import builtin_task
+from train.synth import hardware
 from train.synth.xray import Canvas
 
 __all__ = [
     "CLASSES",
     "FIELD_OF_VIEW_MM",
+    "OTHER_METAL",
     "SUPPORTED_VIEWS",
     "VIEWS",
     "render",
     "sample_anatomy",
     "sample_design",
+    "sample_variant",
 ]
 
 _SPEC = builtin_task("hip")
@@ -163,17 +167,38 @@ def _band(
     return inner + outer
 
 
-def render(canvas: Canvas, view: str, anatomy: dict[str, float], design: dict[str, Any]) -> None:
-    """Draw pelvis, femur, the THR and the fixation state for one view onto ``canvas``."""
+def render(
+    canvas: Canvas,
+    view: str,
+    anatomy: dict[str, float],
+    design: dict[str, Any],
+    variant: dict[str, Any] | None = None,
+) -> None:
+    """Draw pelvis, femur, the THR and the fixation state for one view onto ``canvas``.
+
+    ``variant`` (from :func:`sample_variant`) draws a hip without the THR instead: native
+    (``none``), with other hardware (``other``), or the THR with a longer femur for a field
+    moved off it (``cut``). Without it the output is the present-implant phantom as ever.
+    """
     # Centre the field on the proximal femur and stem, as a THR follow-up film is framed.
     with canvas.frame(translate=(25.0, -70.0)):
-        _render(canvas, view, anatomy, design)
+        if variant is not None and variant["implant"] in ("none", "other"):
+            _render_native(canvas, view, anatomy, variant)
+        else:
+            reach = 0.0 if variant is None else float(variant["reach"])
+            _render(canvas, view, anatomy, design, reach)
 
 
-def _render(canvas: Canvas, view: str, anatomy: dict[str, float], design: dict[str, Any]) -> None:
+def _render(
+    canvas: Canvas,
+    view: str,
+    anatomy: dict[str, float],
+    design: dict[str, Any],
+    reach: float = 0.0,
+) -> None:
     s = anatomy["scale"]
     d = design
-    canvas.rod((40.0, -400.0), (40.0, 400.0), anatomy["girth"], material="soft", caps=False)
+    canvas.rod((40.0, -400.0), (40.0, 400.0 + reach), anatomy["girth"], material="soft", caps=False)
     lat = view == "LAT"
     # Pelvis (AP): ilium, acetabular roof, ischium, pubic ramus; fainter in the lateral.
     with canvas.frame(rotate_deg=anatomy["pelvis_tilt"]):
@@ -212,14 +237,18 @@ def _render(canvas: Canvas, view: str, anatomy: dict[str, float], design: dict[s
         )
         canvas.rod(
             (-30.0 * s, 60.0 * s),
-            (-40.0 * s, 320.0),
+            (-40.0 * s, 320.0 + reach),
             17.0 * s,
             15.0 * s,
             material="cortical",
             hollow=0.58,
         )
         canvas.rod(
-            (-30.0 * s, 60.0 * s), (-40.0 * s, 320.0), 10.0 * s, 9.0 * s, material="cancellous"
+            (-30.0 * s, 60.0 * s),
+            (-40.0 * s, 320.0 + reach),
+            10.0 * s,
+            9.0 * s,
+            material="cancellous",
         )
         # Neck stump from the calcar towards the head.
         canvas.rod((-18.0 * s, 38.0 * s), (-8.0, 20.0), 13.0 * s, material="cancellous")
@@ -298,3 +327,281 @@ def _cup_zones(canvas: Canvas, d: dict[str, Any], open_deg: float) -> None:
                 canvas.arc(
                     (0.0, 0.0), r + width, r + width + 0.8, a0, a0 + span, 14.0, material="cortical"
                 )
+
+
+# -- without the THR: native hips, other hardware -----------------------------------------------
+
+#: Hardware that is not a total hip replacement, one kind per ``other`` phantom.
+OTHER_METAL: tuple[str, ...] = ("plate", "nail", "cerclage", "hemiarthroplasty")
+_LEAN_PIVOT = (-30.0, 60.0)
+
+
+def sample_variant(
+    rng: np.random.Generator, implant: str, anatomy: dict[str, Any]
+) -> dict[str, Any]:
+    """Parameters of a hip without the THR (``none``, ``other``) or with it cut off."""
+    if implant == "cut":
+        return {"implant": "cut", "reach": 300.0, "cut_axis": (0.0, 1.0)}
+    s = anatomy["scale"]
+    variant: dict[str, Any] = {
+        "implant": implant,
+        "head_radius_native": float(rng.uniform(22.0, 26.0)) * s,
+        "joint_space": float(rng.uniform(3.0, 5.0)),
+        "metal": "",
+    }
+    if implant != "other":
+        return variant
+    kind = OTHER_METAL[int(rng.integers(0, len(OTHER_METAL)))]
+    variant["metal"] = kind
+    variant["metal_material"] = "titanium" if rng.random() < 0.5 else "steel"
+    if kind == "plate":
+        variant["metal_design"] = "sliding-hip-screw" if rng.random() < 0.5 else "locking-plate"
+        variant["metal_length"] = float(rng.uniform(50.0, 170.0))
+        variant["metal_screws"] = int(rng.integers(2, 6))
+    elif kind == "nail":
+        variant["metal_length"] = float(rng.choice([180.0, 240.0, 360.0]))
+        variant["metal_radius"] = float(rng.uniform(5.0, 6.0))
+    elif kind == "cerclage":
+        variant["metal_loops"] = int(rng.integers(2, 5))
+        variant["metal_tilts"] = [float(t) for t in rng.uniform(-12.0, 12.0, size=4)]
+    else:
+        variant["metal_design"] = str(rng.choice(STEM_DESIGNS[:3]))
+        variant["metal_length"] = float(rng.uniform(120.0, 150.0)) * s
+        variant["metal_width"] = float(rng.uniform(16.0, 22.0)) * s
+        variant["metal_cemented"] = bool(rng.random() < 0.6)
+        variant["metal_material"] = "cocr"
+    return variant
+
+
+def _rotate(
+    p: tuple[float, float], degrees: float, about: tuple[float, float]
+) -> tuple[float, float]:
+    th = np.radians(degrees)
+    dx, dy = p[0] - about[0], p[1] - about[1]
+    return (
+        float(about[0] + dx * np.cos(th) - dy * np.sin(th)),
+        float(about[1] + dx * np.sin(th) + dy * np.cos(th)),
+    )
+
+
+def _render_native(canvas: Canvas, view: str, anatomy: dict[str, float], v: dict[str, Any]) -> None:
+    s = anatomy["scale"]
+    radius = v["head_radius_native"]
+    canvas.rod((40.0, -400.0), (40.0, 400.0), anatomy["girth"], material="soft", caps=False)
+    lat = view == "LAT"
+    depth = 0.5 if lat else 1.0
+    with canvas.frame(rotate_deg=anatomy["pelvis_tilt"]):
+        canvas.ellipsoid(
+            (38.0 * s, -70.0 * s), 75.0 * s, 60.0 * s, 10.0 * depth, material="cancellous"
+        )
+        canvas.ellipsoid(
+            (38.0 * s, -70.0 * s), 76.0 * s, 61.0 * s, 14.0 * depth, material="cortical", shell=0.06
+        )
+        canvas.ellipsoid(
+            (30.0 * s, 48.0 * s), 24.0 * s, 32.0 * s, 22.0 * depth, material="cortical", shell=0.25
+        )
+        canvas.rod(
+            (25.0 * s, 22.0 * s), (100.0 * s, 30.0 * s), 9.0 * s, material="cortical", hollow=0.5
+        )
+        # The acetabular roof (sourcil) over the joint space, and the teardrop.
+        inner = radius + v["joint_space"]
+        canvas.arc((0.0, 0.0), inner, inner + 4.5, 200.0, 320.0, 24.0 * depth, material="cortical")
+        canvas.ellipsoid((radius + 8.0, 0.55 * radius), 3.0, 8.0, 14.0 * depth, shell=0.4)
+    lean = anatomy["shaft_lean"]
+    with canvas.frame(rotate_deg=lean, about=_LEAN_PIVOT):
+        canvas.ellipsoid((-45.0 * s, 22.0 * s), 17.0 * s, 26.0 * s, 40.0 * s, material="cancellous")
+        canvas.ellipsoid(
+            (-45.0 * s, 22.0 * s), 18.0 * s, 27.0 * s, 42.0 * s, material="cortical", shell=0.12
+        )
+        canvas.ellipsoid((-27.0 * s, 55.0 * s), 24.0 * s, 40.0 * s, 40.0 * s, material="cancellous")
+        canvas.ellipsoid(
+            (-6.0 * s, 78.0 * s), 8.0 * s, 10.0 * s, 18.0 * s, material="cortical", shell=0.4
+        )
+        canvas.rod(
+            (-30.0 * s, 60.0 * s),
+            (-40.0 * s, 320.0),
+            17.0 * s,
+            15.0 * s,
+            material="cortical",
+            hollow=0.58,
+        )
+        canvas.rod(
+            (-30.0 * s, 60.0 * s), (-40.0 * s, 320.0), 10.0 * s, 9.0 * s, material="cancellous"
+        )
+        if v["metal"] == "hemiarthroplasty":
+            canvas.rod((-18.0 * s, 38.0 * s), (-8.0, 20.0), 13.0 * s, material="cancellous")
+    # Neck and head (the head sits in the acetabulum; the neck meets the leaning shaft).
+    theta = np.radians(anatomy["neck_angle"])
+    length = 42.0 * s
+    base = _rotate(
+        (-length * float(np.sin(theta)), -length * float(np.cos(theta))), lean, _LEAN_PIVOT
+    )
+    if v["metal"] != "hemiarthroplasty":
+        to_head = np.hypot(*base)
+        end = (base[0] * 0.8 * radius / to_head, base[1] * 0.8 * radius / to_head)
+        canvas.rod(base, end, 17.0 * s, 14.5 * s, material="cortical", hollow=0.7, caps=False)
+        canvas.rod(base, end, 15.5 * s, 13.0 * s, material="cancellous", caps=False)
+        canvas.ellipsoid((0.0, 0.0), radius, radius, 2.0 * radius, material="cancellous")
+        canvas.ellipsoid((0.0, 0.0), radius, radius, 2.0 * radius, shell=0.07)
+    if v["metal"]:
+        head = _rotate((0.0, 0.0), -lean, _LEAN_PIVOT)
+        with canvas.frame(rotate_deg=lean, about=_LEAN_PIVOT):
+            _hardware(canvas, view, s, v, head, radius, anatomy["neck_angle"] - lean)
+
+
+def _shaft_x(s: float, y: float) -> float:
+    """The femoral canal's axis at height ``y`` (the lean frame's x)."""
+    y0 = 60.0 * s
+    return -30.0 * s - 10.0 * s * (y - y0) / (320.0 - y0)
+
+
+def _hardware(
+    canvas: Canvas,
+    view: str,
+    s: float,
+    v: dict[str, Any],
+    head: tuple[float, float],
+    radius: float,
+    neck_angle: float,
+) -> None:
+    """The ``other`` hardware, in the femur's (leaning) frame; z follows x, as the hip lateral
+    reuses the AP's layout."""
+    kind, material = v["metal"], v["metal_material"]
+    theta = np.radians(neck_angle)
+    axis = (-float(np.sin(theta)), -float(np.cos(theta)))  # from the head down the neck
+
+    def neck_point(t: float) -> hardware.P3:
+        x, y = head[0] + t * axis[0], head[1] + t * axis[1]
+        return (x, y, x)
+
+    def cortex(y: float, side: float) -> float:
+        return _shaft_x(s, y) + side * (16.5 * s if y > 60.0 * s else 24.0 * s)
+
+    if kind == "plate":
+        entry_t = (head[0] + 50.0 * s) / -axis[0]  # the lag screw's entry, the lateral cortex
+        entry = neck_point(entry_t)
+        plate_top = entry[1] - 10.0 if v["metal_design"] == "sliding-hip-screw" else 5.0 * s
+        path = [
+            (-60.0 * s, plate_top),
+            (-50.0 * s, plate_top + 45.0 * s),
+            (cortex(110.0 * s, -1.0), 110.0 * s),
+        ]
+        path.append((cortex(110.0 * s + v["metal_length"], -1.0), 110.0 * s + v["metal_length"]))
+        if v["metal_design"] == "sliding-hip-screw":
+            path = [(cortex(plate_top, -1.0) - 3.0, plate_top), path[-1]]
+        for (x0, y0), (x1, y1) in pairwise(path):
+            a: hardware.P3 = (x0 - 2.5, y0, _shaft_x(s, y0))
+            b: hardware.P3 = (x1 - 2.5, y1, _shaft_x(s, y1))
+            _plate_segment(canvas, view, a, b, 16.0, 5.0, material)
+        if v["metal_design"] == "sliding-hip-screw":
+            lag_tip = neck_point(0.25 * radius)
+            hardware.screw(
+                canvas, view, neck_point(entry_t * 0.55), lag_tip, 6.5, material, pitch=3.0
+            )
+            hardware.rod(
+                canvas,
+                view,
+                neck_point(entry_t + 3.0),
+                neck_point(entry_t - 38.0),
+                6.5,
+                material=material,
+                hollow=0.6,
+            )
+            hardware.rod(
+                canvas,
+                view,
+                neck_point(entry_t),
+                neck_point(entry_t * 0.55),
+                4.0,
+                material=material,
+            )
+        else:
+            for spread in (-9.0, 0.0, 9.0):
+                start = neck_point(entry_t)
+                end = neck_point(0.3 * radius)
+                hardware.screw(
+                    canvas,
+                    view,
+                    (start[0], start[1] + spread * 1.5, start[2]),
+                    (end[0], end[1] + spread, end[2] + spread * 0.5),
+                    2.6,
+                    material,
+                )
+        y_start = 120.0 * s
+        for i in range(v["metal_screws"]):
+            y = y_start + (i + 0.5) * v["metal_length"] / v["metal_screws"]
+            z = _shaft_x(s, y)
+            hardware.screw(
+                canvas,
+                view,
+                (cortex(y, -1.0) - 5.0, y, z),
+                (cortex(y, 1.0) + 2.0, y, z),
+                2.2,
+                material,
+            )
+    elif kind == "nail":
+        top: hardware.P3 = (-42.0 * s, -8.0 * s, -42.0 * s)
+        bend: hardware.P3 = (_shaft_x(s, 75.0 * s), 75.0 * s, _shaft_x(s, 75.0 * s))
+        tip_y = 75.0 * s + v["metal_length"] - 80.0
+        tip: hardware.P3 = (_shaft_x(s, tip_y), tip_y, _shaft_x(s, tip_y))
+        hardware.rod(canvas, view, top, bend, 8.0 * s, 7.0 * s, material="titanium", caps=False)
+        hardware.rod(canvas, view, bend, tip, v["metal_radius"] * s, material="titanium")
+        entry_t = (head[0] + 52.0 * s) / -axis[0]
+        hardware.screw(
+            canvas, view, neck_point(entry_t), neck_point(0.25 * radius), 5.5, material, pitch=3.0
+        )
+        for y in (tip_y - 35.0, tip_y - 20.0):
+            z = _shaft_x(s, y)
+            hardware.screw(
+                canvas,
+                view,
+                (cortex(y, -1.0) - 3.0, y, z),
+                (cortex(y, 1.0) + 2.0, y, z),
+                2.5,
+                material,
+            )
+    elif kind == "cerclage":
+        for i in range(v["metal_loops"]):
+            y = 100.0 * s + 32.0 * i
+            x = _shaft_x(s, y)
+            hardware.wire_loop(
+                canvas, view, (x, y, x), 17.5 * s, 17.5 * s, tilt_deg=v["metal_tilts"][i]
+            )
+    else:  # hemiarthroplasty: a stem with a large head, and no acetabular cup
+        stem = {
+            "stem_design": v["metal_design"],
+            "stem_length": v["metal_length"],
+            "stem_width": v["metal_width"],
+            "subsidence_mm": 0.0,
+        }
+        center, lateral, medial = _stem_edges(stem, view)
+        outline = [(float(x), float(y)) for x, y in lateral]
+        outline += [(float(x), float(y)) for x, y in medial[::-1]]
+        if v["metal_cemented"]:
+            mantle = [(x - 2.5, y) for x, y in lateral] + [(x + 2.5, y) for x, y in medial[::-1]]
+            mantle.append((float(center[-1, 0]), float(center[-1, 1]) + 8.0))
+            canvas.polygon(mantle, 14.0 * s, material="cortical")
+        canvas.polygon(outline, v["metal_width"] * (1.0 if view == "LAT" else 0.7), material="cocr")
+        shoulder = (float(medial[0, 0]) - 2.0, float(medial[0, 1]) + 4.0)
+        canvas.rod(shoulder, head, 6.0, 5.0, material="cocr")
+        canvas.sphere_shell(head, radius, 0.0, material="cocr")
+
+
+def _plate_segment(
+    canvas: Canvas,
+    view: str,
+    p0: hardware.P3,
+    p1: hardware.P3,
+    width: float,
+    thickness: float,
+    material: str,
+) -> None:
+    """A straight piece of a lateral plate (normal x): edge-on in the AP view."""
+    a, b = hardware.project(view, p0), hardware.project(view, p1)
+    c = (0.5 * (a[0] + b[0]), 0.5 * (a[1] + b[1]))
+    length = float(np.hypot(b[0] - a[0], b[1] - a[1]))
+    angle = float(np.degrees(np.arctan2(-(b[0] - a[0]), b[1] - a[1])))
+    if view == "AP":
+        canvas.plate(c, thickness, length + thickness, width, angle, 0.4 * thickness, material)
+    else:
+        canvas.plate(c, width, length + 2.0, thickness, angle, 0.45 * width, material)

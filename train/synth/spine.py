@@ -18,22 +18,26 @@ views share one anatomy frame, and splitting the phantom's parts would scatter o
 
 from __future__ import annotations
 
+import math
 from itertools import pairwise
 from typing import Any
 
 import numpy as np
 
 from dicom_node.tasks import builtin_task
+from train.synth import hardware, thorax
 from train.synth.xray import Canvas, draw_family
 
 __all__ = [
     "CLASSES",
     "FIELD_OF_VIEW_MM",
+    "OTHER_METAL",
     "SUPPORTED_VIEWS",
     "VIEWS",
     "render",
     "sample_anatomy",
     "sample_design",
+    "sample_variant",
 ]
 
 _SPEC = builtin_task("spine")
@@ -159,20 +163,45 @@ def _vertebra_y(anatomy: dict[str, Any]) -> list[float]:
     return [(i - mid) * pitch for i in range(5)]
 
 
-def render(canvas: Canvas, view: str, anatomy: dict[str, Any], design: dict[str, Any]) -> None:
-    """Draw soft tissue, lumbar vertebrae, screws, rods and crosslink for one view."""
-    canvas.rod((0.0, -500.0), (0.0, 500.0), anatomy["girth"], material="soft", caps=False)
+def render(
+    canvas: Canvas,
+    view: str,
+    anatomy: dict[str, Any],
+    design: dict[str, Any],
+    variant: dict[str, Any] | None = None,
+) -> None:
+    """Draw soft tissue, lumbar vertebrae, screws, rods and crosslink for one view.
+
+    ``variant`` (from :func:`sample_variant`) draws a lumbar spine without the screws instead
+    (``none``), with other hardware (``other``), or the construct with the thoracic spine above
+    it for a field moved off it (``cut``). Without it the output is the present-implant phantom
+    as ever.
+    """
+    implant = variant is None or variant["implant"] == "cut"
+    thoracic = 0 if variant is None else int(variant.get("thoracic", 0))
+    top = -500.0 - (0.0 if variant is None else float(variant.get("reach", 0.0)))
+    canvas.rod((0.0, top), (0.0, 500.0), anatomy["girth"], material="soft", caps=False)
     if view == "AP":
-        _render_ap(canvas, anatomy, design)
+        _render_ap(canvas, anatomy, design, implant, thoracic)
     else:
-        _render_lateral(canvas, anatomy, design)
+        _render_lateral(canvas, anatomy, design, implant, thoracic)
+    if variant is not None and variant.get("metal"):
+        _hardware(canvas, view, anatomy, variant)
 
 
-def _render_ap(canvas: Canvas, anatomy: dict[str, Any], d: dict[str, Any]) -> None:
+def _render_ap(
+    canvas: Canvas,
+    anatomy: dict[str, Any],
+    d: dict[str, Any],
+    implant: bool = True,
+    thoracic: int = 0,
+) -> None:
     s = anatomy["scale"]
     ys = _vertebra_y(anatomy)
     body_h = 27.0 * s
     heads: dict[float, list[tuple[float, float]]] = {-1.0: [], 1.0: []}
+    if thoracic:
+        _thoracic(canvas, "AP", anatomy, thoracic)
     for i, y in enumerate(ys):
         x = anatomy["scoliosis"] * (y / 100.0) ** 2
         width = (20.0 + 1.5 * i) * s
@@ -201,7 +230,7 @@ def _render_ap(canvas: Canvas, anatomy: dict[str, Any], d: dict[str, Any]) -> No
                 material="cortical",
                 hollow=0.4,
             )
-            if anatomy["first_level"] <= i < anatomy["first_level"] + anatomy["levels"]:
+            if implant and anatomy["first_level"] <= i < anatomy["first_level"] + anatomy["levels"]:
                 head = (px + side * 3.0, y - 0.2 * body_h)
                 heads[side].append(head)
                 _screw_ap(canvas, d, head, side)
@@ -215,6 +244,8 @@ def _render_ap(canvas: Canvas, anatomy: dict[str, Any], d: dict[str, Any]) -> No
             material="cortical",
             shell=0.15,
         )
+    if not implant:
+        return
     for side in (-1.0, 1.0):
         pts = heads[side]
         ext = 6.0
@@ -308,11 +339,19 @@ def _crosslink_ap(canvas: Canvas, d: dict[str, Any], xl: float, xr: float, y: fl
             canvas.ellipsoid((x, y), 5.0, 5.0, 8.0, material="titanium", label=ROD_LABEL)
 
 
-def _render_lateral(canvas: Canvas, anatomy: dict[str, Any], d: dict[str, Any]) -> None:
+def _render_lateral(
+    canvas: Canvas,
+    anatomy: dict[str, Any],
+    d: dict[str, Any],
+    implant: bool = True,
+    thoracic: int = 0,
+) -> None:
     s = anatomy["scale"]
     ys = _vertebra_y(anatomy)
     body_h = 27.0 * s
     entries: list[tuple[float, float]] = []
+    if thoracic:
+        _thoracic(canvas, "LAT", anatomy, thoracic)
     for i, y in enumerate(ys):
         x = anatomy["lordosis"] * (1.0 - (y / 110.0) ** 2)
         tilt = -anatomy["lordosis"] * 0.4 * (y / 60.0)
@@ -353,10 +392,12 @@ def _render_lateral(canvas: Canvas, anatomy: dict[str, Any], d: dict[str, Any]) 
                 material="cortical",
                 hollow=0.4,
             )
-            if anatomy["first_level"] <= i < anatomy["first_level"] + anatomy["levels"]:
+            if implant and anatomy["first_level"] <= i < anatomy["first_level"] + anatomy["levels"]:
                 entry = (x - 26.0 * s, y - 0.2 * body_h)
                 entries.append(canvas_point(x, y, tilt, entry))
                 _screw_lateral(canvas, d, entry)
+    if not implant:
+        return
     # Rods: through the tulip saddles, posterior to the entry points.
     offset = d["tulip_height"] * 0.55 + d["neck"]
     rod_pts = [(ex - offset, ey) for ex, ey in entries]
@@ -489,3 +530,212 @@ def _tulip_profile(canvas: Canvas, d: dict[str, Any], base: tuple[float, float])
         canvas.plate(
             (x0 - h + 3.0, y0), 6.5, w * 0.45, w * 0.6, corner=1.0, material="titanium", weight=-1.0
         )
+
+
+# -- without the screws: native lumbar spines, other hardware -----------------------------------
+
+#: Hardware that is not a posterior pedicle-screw construct, one kind per ``other`` phantom.
+OTHER_METAL: tuple[str, ...] = ("anterior-plate", "cage", "stimulator", "clips")
+
+
+def sample_variant(
+    rng: np.random.Generator, implant: str, anatomy: dict[str, Any]
+) -> dict[str, Any]:
+    """Parameters of a spine without the screws (``none``, ``other``) or with them cut off."""
+    if implant == "cut":
+        return {
+            "implant": "cut",
+            "reach": 400.0,
+            "thoracic": 15,
+            "cut_axis": (0.0, -1.0),
+            "metal": "",
+        }
+    variant: dict[str, Any] = {"implant": implant, "metal": ""}
+    if implant != "other":
+        return variant
+    kind = OTHER_METAL[int(rng.integers(0, len(OTHER_METAL)))]
+    variant["metal"] = kind
+    if kind == "anterior-plate":
+        variant["metal_level"] = int(rng.integers(0, 4))  # the upper of the two plated bodies
+        variant["metal_width"] = float(rng.uniform(22.0, 30.0))
+    elif kind == "cage":
+        variant["metal_design"] = "anterior" if rng.random() < 0.5 else "posterior"
+        levels = rng.choice(4, size=int(rng.integers(1, 3)), replace=False)
+        variant["metal_levels"] = sorted(int(i) for i in levels)
+    elif kind == "stimulator":
+        variant["metal_offset"] = float(rng.uniform(-4.0, 4.0))
+        variant["metal_contacts"] = int(rng.choice([8, 16]))
+        variant["metal_exit"] = 1.0 if rng.random() < 0.5 else -1.0
+    else:
+        region = str(rng.choice(["right-upper-quadrant", "pelvis", "para-aortic"]))
+        variant["metal_region"] = region
+        count = int(rng.integers(3, 10))
+        variant["metal_count"] = count
+        variant["_clips"] = [
+            [float(v) for v in rng.uniform(-1.0, 1.0, size=6)] for _ in range(count)
+        ]
+    return variant
+
+
+def _lateral_x(anatomy: dict[str, Any], y: float) -> float:
+    """Where the lateral view draws a lumbar vertebra's posterior body margin at height y."""
+    return anatomy["lordosis"] * (1.0 - (y / 110.0) ** 2)
+
+
+def _thoracic(canvas: Canvas, view: str, anatomy: dict[str, Any], count: int) -> None:
+    """Vertebrae from T12 upwards (past T1 into the neck), their ribs and the lungs: the
+    field above L1."""
+    s = anatomy["scale"]
+    ys = _vertebra_y(anatomy)
+    y1 = ys[0]
+    if view == "AP":
+        x1 = anatomy["scoliosis"] * (y1 / 100.0) ** 2
+        slope = anatomy["scoliosis"] * 2.0 * y1 / 100.0**2
+    else:
+        x1 = _lateral_x(anatomy, y1)
+        slope = -2.0 * anatomy["lordosis"] * y1 / 110.0**2
+    levels = []
+    y, previous = y1, 27.0 * s
+    for j in range(1, count + 1):
+        height = (24.0 - 0.7 * (j - 1)) * s
+        y -= 0.5 * previous + 0.5 * height + (6.0 - 0.15 * j) * s
+        dy = y - y1
+        x = x1 + 0.5 * slope * dy if view == "AP" else x1 + slope * dy + 0.0006 * dy * dy
+        levels.append((j, x, y, height))
+        previous = height
+    top_lung = levels[min(11, len(levels) - 1)][2] - 20.0 * s  # the apices, at T1
+    bottom_lung = levels[1][2] if len(levels) > 1 else y1
+    height = bottom_lung - top_lung
+    lung_x = levels[len(levels) // 2][1]
+    if view == "AP":
+        thorax.lungs(canvas, "AP", (lung_x, top_lung + height / 2), 130.0 * s, height, 150.0 * s, s)
+        for j, x, y, h in levels:
+            half = (19.0 - 0.4 * j) * s
+            thorax.vertebra_ap(canvas, x, y, half, h, s)
+            if j > 12:
+                continue  # cervical: no ribs
+            reach = (55.0 if j == 1 else 80.0 if j == 2 else 118.0 - 4.0 * max(j - 8, 0)) * s
+            for side in (-1.0, 1.0):
+                thorax.rib_ap(
+                    canvas,
+                    (x + side * (half + 10.0 * s), y - 0.25 * h),
+                    side,
+                    reach,
+                    (30.0 + 2.0 * j) * s,
+                    s,
+                    anterior=j > 2,
+                )
+        return
+    thorax.lungs(
+        canvas, "LAT", (lung_x + 75.0 * s, top_lung + height / 2), 150.0 * s, height, 150.0 * s, s
+    )
+    for j, x, y, h in levels:
+        tangent = slope + 0.0012 * (y - y1)
+        tilt = math.degrees(math.atan(tangent)) * 0.7
+        thorax.vertebra_lateral(canvas, x - 3.0 * s, y, 32.0 * s, h, s, tilt)
+        if 2 < j <= 12:
+            thorax.rib_lateral(canvas, (x - 20.0 * s, y - 0.2 * h), 170.0 * s, 60.0 * s, s)
+
+
+def _level(anatomy: dict[str, Any], i: int) -> tuple[float, float, float]:
+    """Centre of lumbar vertebral body ``i`` (0 = L1) in 3-D: AP x, y, lateral x."""
+    s = anatomy["scale"]
+    y = _vertebra_y(anatomy)[i]
+    return (anatomy["scoliosis"] * (y / 100.0) ** 2, y, _lateral_x(anatomy, y) + 14.0 * s)
+
+
+def _hardware(canvas: Canvas, view: str, anatomy: dict[str, Any], v: dict[str, Any]) -> None:
+    s, kind = anatomy["scale"], v["metal"]
+    if kind == "anterior-plate":
+        upper, lower = _level(anatomy, v["metal_level"]), _level(anatomy, v["metal_level"] + 1)
+        front = 0.5 * (upper[2] + lower[2]) + 19.0 * s
+        center = (0.5 * (upper[0] + lower[0]), 0.5 * (upper[1] + lower[1]), front + 1.5)
+        length = lower[1] - upper[1] + 22.0 * s
+        hardware.plate(
+            canvas, view, center, length, v["metal_width"], 3.0, "z", material="titanium"
+        )
+        for body, sign in ((upper, -1.0), (lower, 1.0)):
+            for side in (-1.0, 1.0):
+                head = (body[0] + side * 7.0 * s, body[1] + sign * 4.0 * s, front + 3.0)
+                tip = (body[0] + side * 3.0 * s, body[1] + sign * 1.0 * s, front - 30.0 * s)
+                hardware.screw(canvas, view, head, tip, 2.7, material="titanium", head_radius=4.0)
+    elif kind == "cage":
+        for i in v["metal_levels"]:
+            upper, lower = _level(anatomy, i), _level(anatomy, i + 1)
+            c = tuple(0.5 * (a + b) for a, b in zip(upper, lower, strict=True))
+            disc = lower[1] - upper[1] - 29.0 * s
+            if v["metal_design"] == "anterior":
+                parts = [(c[0], 30.0 * s, 24.0 * s)]
+            else:
+                parts = [(c[0] - 9.0 * s, 10.0 * s, 26.0 * s), (c[0] + 9.0 * s, 10.0 * s, 26.0 * s)]
+            for x, width, depth in parts:
+                if view == "AP":
+                    canvas.plate((x, c[1]), width, 0.9 * disc, depth, corner=1.5, material="peek")
+                else:
+                    front, back = c[2] + 0.5 * depth, c[2] - 0.5 * depth
+                    canvas.polygon(
+                        [
+                            (back, c[1] - 0.4 * disc),
+                            (front, c[1] - 0.5 * disc),
+                            (front, c[1] + 0.5 * disc),
+                            (back, c[1] + 0.4 * disc),
+                        ],
+                        width,
+                        material="peek",
+                    )
+                for dx in (-0.4 * width, 0.4 * width):
+                    for dz in (-0.4 * depth, 0.4 * depth):
+                        p0 = (x + dx, c[1] - 0.3 * disc, c[2] + dz)
+                        p1 = (x + dx, c[1] + 0.3 * disc, c[2] + dz)
+                        hardware.rod(canvas, view, p0, p1, 0.5, material="cocr", weight=1.6)
+    elif kind == "stimulator":
+        x0 = v["metal_offset"]
+        ys = _vertebra_y(anatomy)
+
+        def canal(y: float) -> float:
+            return _lateral_x(anatomy, y) - 20.0 * s
+
+        side = v["metal_exit"]
+        path: list[hardware.P3] = [(x0, y, canal(y)) for y in np.linspace(-450.0, ys[2], 24)]
+        y_exit = ys[2] + 12.0 * s
+        path += [
+            (x0 + side * 10.0 * s, y_exit, canal(y_exit) - 15.0 * s),
+            (side * 40.0 * s, y_exit + 20.0 * s, canal(y_exit) - 45.0 * s),
+            (side * 75.0 * s, ys[4] + 40.0 * s, canal(ys[4]) - 60.0 * s),
+            (side * 95.0 * s, ys[4] + 160.0 * s, canal(ys[4]) - 70.0 * s),
+        ]
+        hardware.polyline(canvas, view, path, 0.45, material="cocr", weight=0.8)
+        y_top = ys[0] - 30.0 * s
+        for k in range(v["metal_contacts"]):
+            y = y_top - 4.5 * k * 8.0 / v["metal_contacts"] * 2.0
+            hardware.rod(
+                canvas,
+                view,
+                (x0, y, canal(y)),
+                (x0, y + 3.0, canal(y)),
+                0.7,
+                material="cocr",
+                caps=False,
+                weight=1.5,
+            )
+    else:
+        ys = _vertebra_y(anatomy)
+        center = {
+            "right-upper-quadrant": (-75.0 * s, ys[1], 70.0 * s),
+            "pelvis": (35.0 * s, ys[4] + 45.0 * s, 45.0 * s),
+            "para-aortic": (22.0 * s, ys[2], 45.0 * s),
+        }[v["metal_region"]]
+        for clip in v["_clips"]:
+            apex = (
+                center[0] + 25.0 * clip[0],
+                center[1] + 25.0 * clip[1],
+                center[2] + 25.0 * clip[2],
+            )
+            direction = np.array(clip[3:]) + 1e-3
+            direction /= np.linalg.norm(direction)
+            spread = np.cross(direction, [0.3, 0.8, 0.5])
+            spread /= np.linalg.norm(spread)
+            for sign in (-1.0, 1.0):
+                arm = direction * 8.0 + sign * spread * 1.8
+                end = (apex[0] + float(arm[0]), apex[1] + float(arm[1]), apex[2] + float(arm[2]))
+                hardware.rod(canvas, view, apex, end, 0.45, material="titanium", weight=1.8)

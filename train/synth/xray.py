@@ -38,12 +38,14 @@ MATERIALS: dict[str, float] = {
     "cancellous": 0.026,
     "cortical": 0.050,
     "polyethylene": 0.018,
+    "peek": 0.022,  # radiolucent interbody cages, a little denser than soft tissue
     "titanium": 0.25,
+    "steel": 0.50,  # stainless steel: plates, screws, nails, wires, clips
     "cocr": 0.55,
     "lead": 2.0,
 }
 
-METALS = frozenset({"titanium", "cocr", "lead"})
+METALS = frozenset({"titanium", "steel", "cocr", "lead"})
 
 
 def draw_family(rng: np.random.Generator, family: dict[str, Any]) -> dict[str, Any]:
