@@ -17,10 +17,13 @@ if TYPE_CHECKING:  # only a type here: the domain does no tensor work
     from pydicom.dataset import Dataset
 
 __all__ = [
+    "NOT_APPLICABLE_REASONS",
     "ClassInfo",
     "Explanation",
+    "ImageCheck",
     "InstanceRef",
     "ModelInfo",
+    "NotApplicable",
     "Outputs",
     "Prediction",
     "PreparedView",
@@ -126,6 +129,40 @@ class PreparedView:
 
 
 @dataclass(frozen=True)
+class ImageCheck:
+    """What the image check model saw in one image, whatever its tags say."""
+
+    anatomy: str  # "knee", "hip", "spine" or "other"
+    anatomy_probability: float
+    view: str  # "AP" or "LAT"
+    view_probability: float
+    # Probability that each task's implant is in the image, by task name (tasks without an
+    # implant are absent).
+    implant: dict[str, float] = field(default_factory=dict)
+
+
+#: Why an image is not one to answer on, in the order the applicability stage asks.
+#: ``no-implant``: the task's implant is not in the image; ``anatomy``: the image shows another
+#: body part than the task reads; ``view``: another projection than the one routed;
+#: ``out-of-distribution``: the classifier's features lie outside what it was trained on.
+NOT_APPLICABLE_REASONS: tuple[str, ...] = ("anatomy", "view", "no-implant", "out-of-distribution")
+
+
+@dataclass(frozen=True)
+class NotApplicable:
+    """One image the node did not answer on, and why (UIDs only: no patient data)."""
+
+    view: RoutedView
+    reason: str  # one of NOT_APPLICABLE_REASONS
+    detail: str  # readable: what was measured against what, e.g. "implant 0.02 < 0.31"
+    check: ImageCheck | None = None
+    # The score that decided it and its threshold: the probability of the other anatomy or
+    # view, the implant probability, or the out-of-distribution distance.
+    score: float | None = None
+    threshold: float | None = None
+
+
+@dataclass(frozen=True)
 class ViewPrediction:
     """The model's output for one analysed image."""
 
@@ -157,12 +194,22 @@ class Prediction:
     # Which of ``views`` the fused result combines (the latest image of each view); empty:
     # all of them.
     fused_views: tuple[int, ...] = ()
+    # Images the applicability stage excluded. With ``views`` empty the whole study is not
+    # applicable: no class, no probability, only the reasons.
+    not_applicable: tuple[NotApplicable, ...] = ()
+
+    @property
+    def applicable(self) -> bool:
+        """At least one image was analysed."""
+        return bool(self.views)
 
     @property
     def probabilities(self) -> tuple[float, ...]:
         """The study-level result: fused when available, else the single view's."""
         if self.fused_probabilities is not None:
             return self.fused_probabilities
+        if not self.views:
+            raise ValueError("a study that is not applicable has no probabilities")
         return self.views[0].probabilities
 
     @property

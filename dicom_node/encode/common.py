@@ -7,8 +7,10 @@ highdicom's own equipment item at the object's creation time (:func:`pin_contrib
 take the side from the source (:func:`laterality_of`) and describe their series the same way
 (:func:`series_description`). They check the task spec against the prediction
 (:func:`check_task`), name the views of the fused result (:func:`fused_indices`,
-:func:`fused_view_names`) and say when a result supersedes earlier ones
-(:func:`supersede_statement`).
+:func:`fused_view_names`), say when a result supersedes earlier ones
+(:func:`supersede_statement`) and why an image was not answered on
+(:data:`NOT_APPLICABLE_REASON_CODES`, :func:`not_applicable_text`, with the score that decided
+it: :func:`not_applicable_score`).
 
 No drawing and no IOD here: :mod:`dicom_node.encode.overlay` draws, :mod:`.sc` and :mod:`.sr`
 build the objects.
@@ -18,23 +20,31 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DT
 
-from dicom_node.domain import ModelInfo, Prediction
+from dicom_node.domain import NOT_APPLICABLE_REASONS, ModelInfo, NotApplicable, Prediction
 from dicom_node.errors import EncodeError
-from dicom_node.tasks import TaskSpec
+from dicom_node.models.codes import PRIVATE_SCHEME
+from dicom_node.tasks import Code, TaskSpec
 
 __all__ = [
+    "NOT_APPLICABLE",
+    "NOT_APPLICABLE_REASON",
+    "NOT_APPLICABLE_REASON_CODES",
     "algorithm_equipment",
     "check_task",
     "check_version",
     "fused_indices",
     "fused_view_names",
     "laterality_of",
+    "not_applicable_score",
+    "not_applicable_text",
     "patient_study_header",
     "pin_contribution_time",
     "series_description",
@@ -54,13 +64,65 @@ _TYPE2_PATIENT_STUDY = (
     "ReferringPhysicianName",
 )
 
+#: The value of the task's evaluation when no image of the study is one to answer on:
+#: SNOMED CT 385432009 "Not applicable" (qualifier value).
+NOT_APPLICABLE = Code(value="385432009", scheme="SCT", meaning="Not applicable")
 
-def series_description(task: str, kind: str, demo: bool) -> str:
-    """Series Description of an output (≤ 64 characters): task, kind, the warnings."""
-    text = f"AI {task} {kind} - NOT FOR DIAGNOSTIC USE"
-    if demo:
-        text += " - DEMO WEIGHTS"
-    return text[:64]
+#: Concept name of the coded reason why an image is not one to answer on (no standard code:
+#: private scheme).
+NOT_APPLICABLE_REASON = Code(
+    value="NA-REASON", scheme=PRIVATE_SCHEME, meaning="Reason not applicable"
+)
+
+#: Why an image is not one to answer on, as the SR codes it (and as the SC, the metrics and the
+#: docs name it), keyed by :data:`dicom_node.domain.NOT_APPLICABLE_REASONS`. No DCM code, and
+#: no SNOMED CT code of DICOM's context groups, means these reasons (the nearest, e.g. "View and
+#: Laterality Marker is incorrect" or "Outside operational limits of the device", mean other
+#: things), so they are in the node's private scheme.
+NOT_APPLICABLE_REASON_CODES: Mapping[str, Code] = MappingProxyType(
+    {
+        "anatomy": Code(
+            value="NA-ANATOMY", scheme=PRIVATE_SCHEME, meaning="Anatomy does not match the task"
+        ),
+        "view": Code(
+            value="NA-VIEW", scheme=PRIVATE_SCHEME, meaning="View does not match the expected view"
+        ),
+        "no-implant": Code(
+            value="NA-NO-IMPLANT", scheme=PRIVATE_SCHEME, meaning="No implant detected"
+        ),
+        "out-of-distribution": Code(
+            value="NA-OOD", scheme=PRIVATE_SCHEME, meaning="Image outside the model's training data"
+        ),
+    }
+)
+
+
+#: What the score of an image not answered on measures, by reason, and whether it is a
+#: probability (written in percent, as the SR writes probabilities) or a distance (as is).
+_SCORES: Mapping[str, tuple[str, bool]] = MappingProxyType(
+    {
+        "anatomy": ("probability of the other anatomy", True),
+        "view": ("probability of the other view", True),
+        "no-implant": ("implant probability", True),
+        "out-of-distribution": ("out-of-distribution distance", False),
+    }
+)
+
+
+def series_description(task: str, kind: str, demo: bool, *, not_applicable: bool = False) -> str:
+    """Series Description of an output (≤ 64 characters): task, kind, the warnings.
+
+    ``not_applicable`` (no image of the study was analysed) says so after the kind, e.g.
+    "AI spine SR - NOT APPLICABLE - NOT FOR DIAGNOSTIC USE - DEMO" (the demo warning is
+    shorter there, to fit); a long task name is shortened rather than the kind or a warning.
+    """
+    if not not_applicable:
+        text = f"AI {task} {kind} - NOT FOR DIAGNOSTIC USE"
+        if demo:
+            text += " - DEMO WEIGHTS"
+        return text[:64]
+    warnings = f" {kind} - NOT APPLICABLE - NOT FOR DIAGNOSTIC USE" + (" - DEMO" if demo else "")
+    return f"AI {task}"[: 64 - len(warnings)].rstrip("-") + warnings
 
 
 def patient_study_header(source: Dataset) -> Dataset:
@@ -74,6 +136,41 @@ def patient_study_header(source: Dataset) -> Dataset:
         if keyword not in header:
             setattr(header, keyword, "")
     return header
+
+
+def not_applicable_text(item: NotApplicable, number: int) -> str:
+    """What an image that was not answered on is said to be, e.g. "LAT image 2 not applicable:
+    no implant detected (implant 0.02 < 0.31)"; ``number`` is the image's place in the result.
+
+    EncodeError when the reason is not one of :data:`~dicom_node.domain.NOT_APPLICABLE_REASONS`.
+    """
+    code = NOT_APPLICABLE_REASON_CODES.get(item.reason)
+    if code is None:
+        raise EncodeError(
+            f"not-applicable reason {item.reason!r} is not one of {list(NOT_APPLICABLE_REASONS)}"
+        )
+    text = f"{item.view.view} image {number} not applicable: {code.meaning[0].lower()}"
+    text += code.meaning[1:]
+    detail = " ".join(item.detail.split())
+    return f"{text} ({detail})" if detail else text
+
+
+def not_applicable_score(item: NotApplicable) -> str | None:
+    """The score that decided an image was not answered on and its threshold, e.g. "implant
+    probability 2%, threshold 31%" or "out-of-distribution distance 41.7, threshold 25";
+    probabilities in percent (rounded to 0.01, as the SR writes them), the distance rounded to
+    0.01. None without a score (or with an unknown reason)."""
+    if item.score is None or item.reason not in _SCORES:
+        return None
+    name, probability = _SCORES[item.reason]
+
+    def figure(value: float) -> str:
+        if probability:
+            return format(round(100.0 * float(value), 2), ".15g") + "%"
+        return format(round(float(value), 2), ".15g")
+
+    text = f"{name} {figure(item.score)}"
+    return text if item.threshold is None else f"{text}, threshold {figure(item.threshold)}"
 
 
 def algorithm_equipment(model: ModelInfo, now: dt.datetime) -> hd.ContributingEquipment:

@@ -7,16 +7,16 @@ highdicom 0.28 does not offer).
 
 Content: a device observer (the model, with a Device UID stable for one model version), the
 procedure reported (an imaging procedure, never the algorithm), an Image Library of the analysed
-images, and one measurement group (TID 1501) per analysed image plus a study-level group for the
-fused result, whose source images are the images it combines (``prediction.fused_views``: the
-latest image of each view; all images when empty). A study may carry two images of one view
-(a view sent twice): each has its own group, named "image N" by its place in the study. Each
-group carries a tracking identifier and UID, the finding, its site with laterality, the
-algorithm (TID 4019), the predicted class as a coded qualitative evaluation, Certainty of
-Finding in percent and each class's probability in percent (concept name: the class's own
-code). The finding, the site and the evaluation's concept name come from the task's spec
-(:class:`dicom_node.tasks.TaskSpec`); every private ("99...") coding scheme the content uses is
-declared in the Coding Scheme Identification Sequence.
+(and excluded) images, and one measurement group (TID 1501) per analysed image plus a
+study-level group for the fused result, whose source images are the images it combines
+(``prediction.fused_views``: the latest image of each view; all images when empty). A study
+may carry two images of one view (a view sent twice): each has its own group, named "image N"
+by its place in the study. Each group carries a tracking identifier and UID, the finding, its
+site with laterality, the algorithm (TID 4019), the predicted class as a coded qualitative
+evaluation, Certainty of Finding in percent and each class's probability in percent (concept
+name: the class's own code). The finding, the site and the evaluation's concept name come from
+the task's spec (:class:`dicom_node.tasks.TaskSpec`); every private ("99...") coding scheme the
+content uses is declared in the Coding Scheme Identification Sequence.
 
 A group's evaluation is "undetermined" (373068000, SCT) when the study-level prediction
 abstains, or when that group's own top probability is below the bundle's threshold. Its
@@ -24,8 +24,31 @@ certainty is still reported, so a reader sees how unsure the model was.
 
 A result made again for the same study and task (version 2, 3...: images arrived after the
 earlier one was made) says that it supersedes the earlier results, as a TEXT Comment (121106,
-DCM) in the root's Qualitative Evaluations container (C0034375, UMLS; TID 1500 row 10). The
-earlier SR and SCs stay where they were sent; this one has new UIDs.
+DCM) in the root's Qualitative Evaluations container (C0034375, UMLS; the TID 1500 row of that
+name, row 12 in the edition pixelmed's validator checks). The earlier SR and SCs stay where
+they were sent; this one has new UIDs.
+
+Images the applicability stage excluded (``prediction.not_applicable``: no implant, another
+anatomy or view, outside the training distribution) are listed in the Image Library and the
+evidence like the analysed ones, and said so in the same Qualitative Evaluations container:
+
+- When no image was analysed, the SR carries no class, probability, certainty or loosening
+  call, and no Imaging Measurements container: TID 1500 needs only one of Imaging
+  Measurements, Derived Imaging Measurements and Qualitative Evaluations, and an Imaging
+  Measurements container is there to hold measurement groups (highdicom 0.28 refuses one
+  without). The Qualitative Evaluations container holds the task's evaluation
+  with the value Not applicable (385432009, SCT), one coded reason (concept NA-REASON,
+  99ORTHONODE; values :data:`~dicom_node.encode.common.NOT_APPLICABLE_REASON_CODES`) per
+  distinct reason, and one TEXT Comment per image with what was measured. The Series
+  Description says NOT APPLICABLE.
+- When some images were analysed, their groups are as usual, and the container holds a coded
+  reason and a TEXT Comment per excluded image.
+
+Excluded images are numbered after the analysed ones, and each Comment names its image, with
+the score that decided and its threshold when the applicability stage gives them ("LAT image 3
+not applicable: no implant detected (...); implant probability 2%, threshold 31%"). The
+numbers are in the Comment only: TID 1500's Qualitative Evaluations container holds CODE and
+TEXT items, no NUM (pixelmed's validator: "Content Item not in template").
 
 Tracking UIDs are derived from the SR's SOP Instance UID, so an SR rebuilt with the same UIDs
 and time is the same object.
@@ -44,14 +67,25 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, TM
 
-from dicom_node.domain import ClassInfo, Prediction, decide
+from dicom_node.domain import (
+    NOT_APPLICABLE_REASONS,
+    ClassInfo,
+    NotApplicable,
+    Prediction,
+    decide,
+)
 from dicom_node.encode.common import (
+    NOT_APPLICABLE,
+    NOT_APPLICABLE_REASON,
+    NOT_APPLICABLE_REASON_CODES,
     algorithm_equipment,
     check_task,
     check_version,
     fused_indices,
     fused_view_names,
     laterality_of,
+    not_applicable_score,
+    not_applicable_text,
     patient_study_header,
     pin_contribution_time,
     series_description,
@@ -89,6 +123,7 @@ def build_structured_report(
     *,
     spec: TaskSpec,
     version: int = 1,
+    excluded_sources: Sequence[Dataset] = (),
     series_number: int = 9001,
     instance_uid: str | None = None,
     series_uid: str | None = None,
@@ -104,6 +139,7 @@ def build_structured_report(
     sources : Sequence[pydicom.Dataset]
         The analysed source images, in the order of ``prediction.views``. The first one gives
         the patient and study attributes (copied; missing Type 2 attributes become empty).
+        Empty when no image was analysed (``not prediction.applicable``).
     secondary_captures : Sequence[pydicom.Dataset]
         The Secondary Captures made for this prediction; listed as evidence with the sources.
     spec : TaskSpec
@@ -111,6 +147,10 @@ def build_structured_report(
     version : int
         The result's version for this study and task (1, 2, ...); from 2 on, the SR says that
         it supersedes the earlier results.
+    excluded_sources : Sequence[pydicom.Dataset]
+        The source images of ``prediction.not_applicable``, in that order: listed in the Image
+        Library and the evidence. The first one gives the patient and study attributes when
+        ``sources`` is empty.
     series_number : int
         Series Number of the SR (high, so it sorts after the radiographs).
     instance_uid, series_uid : str, optional
@@ -128,17 +168,19 @@ def build_structured_report(
     ------
     EncodeError
         When the spec is of another task, the version is below 1, the sources do not match
-        the prediction's views, the fused views are not indices into them, a code is too
-        long, or highdicom rejects a value.
+        the prediction's views (or the excluded sources its not-applicable images), the fused
+        views are not indices into them, a reason is unknown, a code is too long, or
+        highdicom rejects a value.
     """
     check_task(prediction, spec)
     check_version(version)
-    _check(prediction, sources)
+    _check(prediction, sources, excluded_sources)
     now = now or dt.datetime.now()
     instance_uid = instance_uid or generate_uid()
     series_uid = series_uid or generate_uid()
     model = prediction.model
-    headers = [patient_study_header(source) for source in sources]
+    images = [*sources, *excluded_sources]
+    headers = [patient_study_header(source) for source in images]
     sides = [
         laterality_of(source) or view.view.laterality
         for view, source in zip(prediction.views, sources, strict=True)
@@ -179,21 +221,28 @@ def build_structured_report(
                 model_name=model.name,
             ),
         )
+        # highdicom 0.28 wants at least one group: without any, the report is built with a
+        # placeholder whose Imaging Measurements container is then removed.
         content = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
             procedure_reported=_IMAGING_PROCEDURE,
-            imaging_measurements=groups,
+            imaging_measurements=groups or [_placeholder_group(instance_uid)],
             referenced_images=[_library_entry(header) for header in headers],
         )
+        if not groups:
+            _remove_imaging_measurements(content[0])
+        evaluations = _not_applicable_items(prediction, spec)
         statement = supersede_statement(version)
         if statement is not None:
-            content[0].ContentSequence.append(_qualitative_evaluations(statement))
+            evaluations.append(_comment(statement))
+        if evaluations:
+            content[0].ContentSequence.append(_qualitative_evaluations(evaluations))
         # highdicom logs a patient name it finds suspicious: it never sees the name; the
         # name is copied onto the finished SR below.
         first = patient_study_header(headers[0])
         first.PatientName = ""
         report = hd.sr.Comprehensive3DSR(
-            evidence=[first, *sources[1:], *secondary_captures],
+            evidence=[first, *images[1:], *secondary_captures],
             content=content[0],
             series_instance_uid=series_uid,
             series_number=series_number,
@@ -204,7 +253,9 @@ def build_structured_report(
             is_final=False,
             is_verified=False,
             contributing_equipment=[algorithm_equipment(model, now)],
-            series_description=series_description(prediction.task, "SR", model.demo),
+            series_description=series_description(
+                prediction.task, "SR", model.demo, not_applicable=not prediction.applicable
+            ),
             manufacturer_model_name=model.name,
             software_versions=model.version,
             content_date=now.date(),
@@ -225,15 +276,18 @@ def build_structured_report(
             "sop_instance_uid": instance_uid,
             "study_instance_uid": prediction.study_instance_uid,
             "groups": len(groups),
+            "not_applicable": len(prediction.not_applicable),
             "version": version,
         },
     )
     return report
 
 
-def _check(prediction: Prediction, sources: Sequence[Dataset]) -> None:
-    if not sources:
-        raise EncodeError("no source image: an SR needs at least one analysed image")
+def _check(
+    prediction: Prediction, sources: Sequence[Dataset], excluded_sources: Sequence[Dataset]
+) -> None:
+    if not sources and not excluded_sources:
+        raise EncodeError("no source image: an SR needs at least one analysed or excluded image")
     if len(sources) != len(prediction.views):
         raise EncodeError(f"{len(sources)} source(s) for {len(prediction.views)} predicted view(s)")
     for index, (view, source) in enumerate(zip(prediction.views, sources, strict=True)):
@@ -242,6 +296,32 @@ def _check(prediction: Prediction, sources: Sequence[Dataset]) -> None:
                 f"source {index} is {source.SOPInstanceUID}, "
                 f"view {index} predicts {view.view.instance.sop_instance_uid}"
             )
+    excluded = prediction.not_applicable
+    if len(excluded_sources) != len(excluded):
+        raise EncodeError(
+            f"{len(excluded_sources)} excluded source(s) for {len(excluded)} image(s) "
+            "not applicable"
+        )
+    for index, (item, source) in enumerate(zip(excluded, excluded_sources, strict=True)):
+        if item.view.instance.sop_instance_uid != source.SOPInstanceUID:
+            raise EncodeError(
+                f"excluded source {index} is {source.SOPInstanceUID}, "
+                f"not-applicable image {index} is {item.view.instance.sop_instance_uid}"
+            )
+        if item.reason not in NOT_APPLICABLE_REASON_CODES:
+            raise EncodeError(
+                f"not-applicable image {index}: reason {item.reason!r} is not one of "
+                f"{list(NOT_APPLICABLE_REASONS)}"
+            )
+    both = {str(ds.SOPInstanceUID) for ds in sources} & {
+        str(ds.SOPInstanceUID) for ds in excluded_sources
+    }
+    if both:
+        raise EncodeError(f"images both analysed and excluded: {sorted(both)}")
+    if not prediction.applicable:
+        if prediction.fused_probabilities is not None:
+            raise EncodeError("no image was analysed, yet the prediction has a fused result")
+        return  # no class, no probability is written: nothing more to check
     if prediction.fused_probabilities is not None:
         fused_indices(prediction)  # EncodeError when they are not indices into the views
     counts = {len(view.probabilities) for view in prediction.views}
@@ -306,22 +386,89 @@ def _group(
     )
 
 
-def _qualitative_evaluations(text: str) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 10: the root's Qualitative Evaluations container, holding one TEXT."""
+def _not_applicable_items(prediction: Prediction, spec: TaskSpec) -> list[hd.sr.ContentItem]:
+    """What the Qualitative Evaluations container says of the images not answered on.
+
+    No image analysed: the task's evaluation is Not applicable, one coded reason per distinct
+    reason (in the order of NOT_APPLICABLE_REASONS) and one TEXT per image. Some analysed: a
+    coded reason and a TEXT per excluded image. Nothing excluded: nothing.
+    """
+    excluded = prediction.not_applicable
+    first = len(prediction.views) + 1  # excluded images are numbered after the analysed ones
+    texts = [
+        _comment(_not_applicable_comment(item, number))
+        for number, item in enumerate(excluded, start=first)
+    ]
+    if prediction.applicable:
+        return [
+            item
+            for reason, text in zip(excluded, texts, strict=True)
+            for item in (_reason(reason.reason), text)
+        ]
+    used = {item.reason for item in excluded}
+    return [
+        hd.sr.CodeContentItem(
+            name=_concept(spec.evaluation),
+            value=_concept(NOT_APPLICABLE),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        ),
+        *(_reason(reason) for reason in NOT_APPLICABLE_REASONS if reason in used),
+        *texts,
+    ]
+
+
+def _not_applicable_comment(item: NotApplicable, number: int) -> str:
+    """The Comment on one excluded image: what it is said to be, then the score that decided
+    and its threshold (TID 1500's Qualitative Evaluations container holds no NUM)."""
+    text = not_applicable_text(item, number)
+    score = not_applicable_score(item)
+    return text if score is None else f"{text}; {score}"
+
+
+def _reason(reason: str) -> hd.sr.CodeContentItem:
+    return hd.sr.CodeContentItem(
+        name=_concept(NOT_APPLICABLE_REASON),
+        value=_concept(NOT_APPLICABLE_REASON_CODES[reason]),
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+
+
+def _comment(text: str) -> hd.sr.TextContentItem:
+    return hd.sr.TextContentItem(
+        name=_COMMENT, value=text, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS
+    )
+
+
+def _qualitative_evaluations(items: Sequence[hd.sr.ContentItem]) -> hd.sr.ContainerContentItem:
+    """The root's Qualitative Evaluations container (C0034375, UMLS; TID 1500), holding coded
+    evaluations (CODE) and comments (TEXT)."""
     container = hd.sr.ContainerContentItem(
         name=_QUALITATIVE_EVALUATIONS,
         relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
     )
-    container.ContentSequence = hd.sr.ContentSequence(
-        [
-            hd.sr.TextContentItem(
-                name=_COMMENT,
-                value=text,
-                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
-            )
-        ]
-    )
+    container.ContentSequence = hd.sr.ContentSequence(list(items))
     return container
+
+
+def _placeholder_group(instance_uid: str) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A group that only lets highdicom build a report without any (removed right after)."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=_tracking_uid(instance_uid, 0), identifier="placeholder"
+        )
+    )
+
+
+def _remove_imaging_measurements(root: Dataset) -> None:
+    """Remove the Imaging Measurements container from the report's root."""
+    content = root.ContentSequence
+    (index,) = [
+        i
+        for i, item in enumerate(content)
+        if item.value_type == hd.sr.ValueTypeValues.CONTAINER
+        and item.name == codes.DCM.ImagingMeasurements
+    ]
+    del content[index]
 
 
 def _percent(name: hd.sr.CodedConcept, probability: float) -> hd.sr.Measurement:

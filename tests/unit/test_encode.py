@@ -10,7 +10,11 @@ import copy
 import csv
 import datetime as dt
 import io
+import os
+import re
+import subprocess
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -22,23 +26,33 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.domain import (
+    NOT_APPLICABLE_REASONS,
     ClassInfo,
     Explanation,
     InstanceRef,
     ModelInfo,
+    NotApplicable,
     Prediction,
     RegionOfInterest,
     RoutedView,
     ViewPrediction,
 )
 from dicom_node.encode import build_secondary_capture, build_structured_report
+from dicom_node.encode.common import (
+    NOT_APPLICABLE,
+    NOT_APPLICABLE_REASON,
+    NOT_APPLICABLE_REASON_CODES,
+    not_applicable_score,
+    not_applicable_text,
+    series_description,
+)
 from dicom_node.encode.overlay import BANNER, DEMO_BANNER, burned_in_text
 from dicom_node.errors import EncodeError
 from dicom_node.models.codes import PRIVATE_SCHEME, classes_for
 from dicom_node.preprocess import display_image
 from dicom_node.tasks import TaskSpec, builtin_task, parse_spec
-from tests.conftest import make_set
-from tests.factories import KNEE_OA_SPEC
+from tests.conftest import make_set, require_tool
+from tests.factories import KNEE_OA_SPEC, PIXELMED_SR_VALIDATOR
 
 NOW = dt.datetime(2025, 3, 4, 5, 6, 7)
 DEVICE_UID = "1.2.826.0.1.3680043.8.498.424242"
@@ -774,6 +788,543 @@ def test_a_spec_of_another_task_is_rejected(phantoms: dict[str, Path]) -> None:
     renamed = HIP.model_copy(update={"name": "hip-2"})
     with pytest.raises(EncodeError, match="hip-2"):
         build_structured_report(prediction, sources, [], spec=renamed, now=NOW)
+
+
+# -- not applicable ----------------------------------------------------------------------------
+NOT_APPLICABLE_CODE = ("385432009", "SCT")
+LOOSENING_CALLS = {"52101004", "272519000"}  # present / absent (SCT)
+DETAILS = {
+    "anatomy": "anatomy other 0.93, hip 0.04",
+    "view": "view AP 0.97, routed as LAT",
+    "no-implant": "implant 0.02 < 0.31",
+    "out-of-distribution": "OOD score 41.7 > 25.0",
+}
+# The score that decided and its threshold, and how the Comment writes them.
+SCORES = {
+    "anatomy": (0.93, 0.9),
+    "view": (0.97, 0.9),
+    "no-implant": (0.02, 0.31),
+    "out-of-distribution": (41.7, 25.0),
+}
+SCORE_TEXTS = {
+    "anatomy": "probability of the other anatomy 93%, threshold 90%",
+    "view": "probability of the other view 97%, threshold 90%",
+    "no-implant": "implant probability 2%, threshold 31%",
+    "out-of-distribution": "out-of-distribution distance 41.7, threshold 25",
+}
+NA_DESCRIPTION = "NOT APPLICABLE"
+
+
+@dataclass
+class NotApplicableCase:
+    """An SR of a study some (or all) of whose images the applicability stage excluded."""
+
+    spec: TaskSpec
+    sources: list[Dataset]  # analysed
+    excluded: list[Dataset]  # not applicable, in the order of prediction.not_applicable
+    prediction: Prediction
+    report: Dataset
+
+
+def not_applicable_case(
+    folder: Path,
+    task: str,
+    reasons: Sequence[str],
+    *,
+    analysed: int = 0,
+    version: int = 1,
+    scored: bool = True,
+) -> NotApplicableCase:
+    """The set's images (and copies, as many as needed), the first ``analysed`` of them analysed
+    as in :func:`standard_case` and the next ones excluded for ``reasons``, in that order (with
+    :data:`SCORES` unless not ``scored``)."""
+    sources, paths, rows = read_sources(folder)
+    views = [row["view"] for row in rows]
+    while len(sources) < analysed + len(reasons):  # the last view sent again
+        sources.append(second_lateral(sources[-1]))
+        paths.append(paths[-1])
+        views.append(views[-1])
+    sources, paths, views = (x[: analysed + len(reasons)] for x in (sources, paths, views))
+    n = len(classes_for(task))
+    probabilities = [peaked(n, 1, 0.8 + 0.05 * i) for i in range(len(sources))]
+    every = make_prediction(task, sources, paths, views, probabilities, None, threshold=0.6)
+    excluded = tuple(
+        NotApplicable(view.view, reason, DETAILS[reason], None, *SCORES[reason])
+        if scored
+        else NotApplicable(view.view, reason, DETAILS[reason])
+        for view, reason in zip(every.views[analysed:], reasons, strict=True)
+    )
+    prediction = replace(
+        every,
+        views=every.views[:analysed],
+        fused_probabilities=peaked(n, 1, 0.9) if analysed > 1 else None,
+        not_applicable=excluded,
+    )
+    spec = builtin_task(task)
+    report = build_structured_report(
+        prediction,
+        sources[:analysed],
+        [],
+        spec=spec,
+        version=version,
+        excluded_sources=sources[analysed:],
+        now=NOW,
+    )
+    return NotApplicableCase(spec, sources[:analysed], sources[analysed:], prediction, report)
+
+
+def qualitative_evaluations(sr: Dataset) -> list[Dataset]:
+    """The items of the root's Qualitative Evaluations container (C0034375, UMLS), if any."""
+    (container,) = [
+        item
+        for item in sr.ContentSequence
+        if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"
+        and item.ConceptNameCodeSequence[0].CodingSchemeDesignator == "UMLS"
+    ] or [Dataset()]
+    return list(container.get("ContentSequence", []))
+
+
+def code_of(item: Dataset, keyword: str) -> tuple[str, str, str]:
+    code = item[keyword].value[0]
+    return str(code.CodeValue), str(code.CodingSchemeDesignator), str(code.CodeMeaning)
+
+
+def code_values(sr: Dataset) -> set[str]:
+    """Every CodeValue in the SR (concept names, values, units, declarations)."""
+    return {str(item.CodeValue) for item in walk(sr) if "CodeValue" in item}
+
+
+def library_uids(sr: Dataset) -> list[str]:
+    return [
+        item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for entry in sr.ContentSequence
+        if entry.ConceptNameCodeSequence[0].CodeValue == "111028"
+        for item in walk(entry)
+        if "ReferencedSOPSequence" in item
+    ]
+
+
+def evidence_uids(sr: Dataset) -> set[str]:
+    report = hd.sr.srread(io.BytesIO(to_bytes(sr)))
+    return {str(uid) for _, _, uid, _ in report.get_evidence(current_procedure_only=True)}
+
+
+def reason_items(sr: Dataset) -> list[tuple[str, str, str]]:
+    return [
+        code_of(item, "ConceptCodeSequence")
+        for item in qualitative_evaluations(sr)
+        if item.ValueType == "CODE" and item.ConceptNameCodeSequence[0].CodeValue == "NA-REASON"
+    ]
+
+
+def comments(sr: Dataset) -> list[str]:
+    return [
+        str(item.TextValue)
+        for item in qualitative_evaluations(sr)
+        if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106"
+    ]
+
+
+def assert_no_result(case: NotApplicableCase) -> None:
+    """No class, probability, certainty, undetermined or loosening call anywhere."""
+    values = code_values(case.report)
+    assert values.isdisjoint(info.code_value for info in case.prediction.classes)
+    assert values.isdisjoint({UNDETERMINED, *LOOSENING_CALLS})
+    assert "111012" not in values  # Certainty of Finding
+    assert "126010" not in values  # no Imaging Measurements container at all
+    for item in walk(case.report):
+        if item.get("ValueType") == "NUM":  # only the Image Library's pixel counts and spacing
+            assert item.ConceptNameCodeSequence[0].CodeValue in {
+                "110910",
+                "110911",
+                "111026",
+                "111066",
+            }
+            unit = item.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0]
+            assert unit.CodeValue != "%"
+
+
+def test_every_reason_has_a_short_readable_code() -> None:
+    assert tuple(NOT_APPLICABLE_REASON_CODES) == NOT_APPLICABLE_REASONS
+    values = [code.value for code in NOT_APPLICABLE_REASON_CODES.values()]
+    assert len(set(values)) == len(values)
+    for code in [*NOT_APPLICABLE_REASON_CODES.values(), NOT_APPLICABLE_REASON]:
+        assert code.scheme == PRIVATE_SCHEME
+        assert 0 < len(code.value) <= 16 and 0 < len(code.meaning) <= 64
+    assert (NOT_APPLICABLE.value, NOT_APPLICABLE.scheme) == NOT_APPLICABLE_CODE
+    assert NOT_APPLICABLE.meaning == "Not applicable"
+
+
+def test_not_applicable_text_names_the_image_and_what_was_measured(
+    phantoms: dict[str, Path],
+) -> None:
+    case = not_applicable_case(phantoms["knee"], "knee", ["no-implant"], analysed=1)
+    (item,) = case.prediction.not_applicable
+    assert not_applicable_text(item, 2) == (
+        "LAT image 2 not applicable: no implant detected (implant 0.02 < 0.31)"
+    )
+    assert not_applicable_text(replace(item, detail=" "), 2) == (
+        "LAT image 2 not applicable: no implant detected"
+    )
+    with pytest.raises(EncodeError, match="'blurred'"):
+        not_applicable_text(replace(item, reason="blurred"), 2)
+
+
+def test_not_applicable_score_is_written_as_the_sr_writes_it(phantoms: dict[str, Path]) -> None:
+    """Probabilities in percent (rounded to 0.01), the distance as is; each with its threshold."""
+    case = not_applicable_case(phantoms["knee"], "knee", ["no-implant"], analysed=1)
+    (item,) = case.prediction.not_applicable
+    for reason in NOT_APPLICABLE_REASONS:
+        scored = replace(item, reason=reason, score=SCORES[reason][0], threshold=SCORES[reason][1])
+        assert not_applicable_score(scored) == SCORE_TEXTS[reason]
+    assert not_applicable_score(replace(item, score=0.123456, threshold=None)) == (
+        "implant probability 12.35%"
+    )
+    assert not_applicable_score(replace(item, score=np.float32(0.5), threshold=0.25)) == (
+        "implant probability 50%, threshold 25%"
+    )
+    ood = replace(item, reason="out-of-distribution", score=123.456, threshold=1e7)
+    assert not_applicable_score(ood) == "out-of-distribution distance 123.46, threshold 10000000"
+    assert not_applicable_score(replace(item, score=None, threshold=0.31)) is None
+    assert not_applicable_score(replace(item, reason="blurred")) is None
+
+
+def test_not_applicable_series_description_says_so_and_fits() -> None:
+    assert series_description("spine", "SR", demo=True, not_applicable=True) == (
+        "AI spine SR - NOT APPLICABLE - NOT FOR DIAGNOSTIC USE - DEMO"
+    )
+    assert series_description("knee", "SR", demo=False, not_applicable=True) == (
+        "AI knee SR - NOT APPLICABLE - NOT FOR DIAGNOSTIC USE"
+    )
+    # Unchanged for a study with a result.
+    assert series_description("spine", "SR", demo=True) == (
+        "AI spine SR - NOT FOR DIAGNOSTIC USE - DEMO WEIGHTS"
+    )
+    longest = "a" + "-b" * 15 + "c"  # 32 characters, the longest task name
+    for task in (*TASKS, "knee-oa", longest):
+        for demo in (True, False):
+            text = series_description(task, "SR", demo, not_applicable=True)
+            assert len(text) <= 64 and "  " not in text, text
+            assert " SR - NOT APPLICABLE - NOT FOR DIAGNOSTIC USE" in text, text
+            assert text.endswith(" - DEMO") is demo, text
+            assert "\\" not in text and text.isprintable()  # a valid LO
+    assert series_description(longest, "SR", True, not_applicable=True) == (
+        "AI a-b-b-b-b SR - NOT APPLICABLE - NOT FOR DIAGNOSTIC USE - DEMO"
+    )
+
+
+def test_not_applicable_image_without_a_score_has_the_comment_alone(
+    phantoms: dict[str, Path],
+) -> None:
+    case = not_applicable_case(phantoms["knee"], "knee", ["no-implant", "view"], scored=False)
+    assert comments(case.report) == [
+        "AP image 1 not applicable: no implant detected (implant 0.02 < 0.31)",
+        "LAT image 2 not applicable: view does not match the expected view "
+        "(view AP 0.97, routed as LAT)",
+    ]
+    # A threshold without its score says nothing either; a score without a threshold, itself.
+    first, second = case.prediction.not_applicable
+    partial = (replace(first, threshold=0.31), replace(second, score=0.97))
+    report = build_structured_report(
+        replace(case.prediction, not_applicable=partial),
+        [],
+        [],
+        spec=KNEE,
+        excluded_sources=case.excluded,
+        now=NOW,
+    )
+    assert [text.split("; ", 1)[1:] for text in comments(report)] == [
+        [],
+        ["probability of the other view 97%"],
+    ]
+
+
+@pytest.mark.parametrize("reason", NOT_APPLICABLE_REASONS)
+@pytest.mark.parametrize("task", TASKS)
+def test_not_applicable_sr_says_why_and_gives_no_result(
+    phantoms: dict[str, Path], task: str, reason: str, strict_reading: None
+) -> None:
+    """Every image excluded for ``reason`` (knee, spine: AP and LAT; hip: its AP)."""
+    count = 1 if task == "hip" else 2
+    case = not_applicable_case(phantoms[task], task, [reason] * count)
+    assert not case.prediction.applicable
+    sr = roundtrip(case.report)
+    assert_no_result(case)
+    # highdicom reads it back: a TID 1500 report without measurement groups.
+    assert read_report(sr).get_image_measurement_groups() == []
+    dataset = hd.sr.Comprehensive3DSR.from_dataset(sr)
+    report = hd.sr.MeasurementReport.from_sequence([dataset])
+    assert report.get_image_measurement_groups() == []
+    (observer,) = report.get_observer_contexts()
+    assert observer.observer_identifying_attributes.uid == DEVICE_UID
+    # The task's evaluation is Not applicable, then the reason (once), then each image's detail.
+    items = qualitative_evaluations(sr)
+    evaluation = case.spec.evaluation
+    assert items[0].ValueType == "CODE"
+    assert code_of(items[0], "ConceptNameCodeSequence") == (
+        evaluation.value,
+        evaluation.scheme,
+        evaluation.meaning,
+    )
+    assert code_of(items[0], "ConceptCodeSequence") == ("385432009", "SCT", "Not applicable")
+    code = NOT_APPLICABLE_REASON_CODES[reason]
+    assert reason_items(sr) == [(code.value, code.scheme, code.meaning)]
+    views = [item.view.view for item in case.prediction.not_applicable]
+    assert comments(sr) == [
+        f"{view} image {number} not applicable: {code.meaning[0].lower()}{code.meaning[1:]} "
+        f"({DETAILS[reason]}); {SCORE_TEXTS[reason]}"
+        for number, view in enumerate(views, start=1)
+    ]
+    assert len(items) == 2 + count  # nothing else: no supersede comment in version 1
+    # The excluded images are still in the Image Library and the evidence.
+    excluded = [ds.SOPInstanceUID for ds in case.excluded]
+    assert library_uids(sr) == excluded
+    assert evidence_uids(sr) == set(excluded)
+    # The same document otherwise: header from the first excluded image, same series wording.
+    source = case.excluded[0]
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "StudyID", "AccessionNumber"):
+        assert sr[keyword].value == source[keyword].value, keyword
+    assert sr.StudyInstanceUID == source.StudyInstanceUID
+    assert sr.SeriesDescription == series_description(task, "SR", demo=True, not_applicable=True)
+    assert NA_DESCRIPTION in sr.SeriesDescription and len(sr.SeriesDescription) <= 64
+    assert (sr.CompletionFlag, sr.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
+    assert PRIVATE_SCHEME in declared_schemes(sr)
+    assert undeclared_private_schemes(sr) == set()
+
+
+def test_two_images_not_applicable_for_different_reasons(phantoms: dict[str, Path]) -> None:
+    case = not_applicable_case(phantoms["knee"], "knee", ["no-implant", "view"])
+    assert_no_result(case)
+    no_implant, view = (NOT_APPLICABLE_REASON_CODES[r] for r in ("no-implant", "view"))
+    # One code per distinct reason, in the order the applicability stage asks.
+    assert [value for value, _, _ in reason_items(case.report)] == [view.value, no_implant.value]
+    assert comments(case.report) == [
+        "AP image 1 not applicable: no implant detected (implant 0.02 < 0.31); "
+        "implant probability 2%, threshold 31%",
+        "LAT image 2 not applicable: view does not match the expected view "
+        "(view AP 0.97, routed as LAT); probability of the other view 97%, threshold 90%",
+    ]
+    assert library_uids(case.report) == [ds.SOPInstanceUID for ds in case.excluded]
+
+
+def test_hip_not_applicable_never_calls_loosening(phantoms: dict[str, Path]) -> None:
+    for reasons in (["no-implant"], ["anatomy", "out-of-distribution"]):
+        case = not_applicable_case(phantoms["hip"], "hip", reasons)
+        assert_no_result(case)
+        assert code_values(case.report).isdisjoint(LOOSENING_CALLS)
+        (statement, *_) = qualitative_evaluations(case.report)
+        assert code_of(statement, "ConceptNameCodeSequence")[0] == "LOOSENING"
+        assert code_of(statement, "ConceptCodeSequence")[0] == "385432009"
+
+
+def test_partly_not_applicable_reports_the_analysed_and_lists_the_excluded(
+    phantoms: dict[str, Path], strict_reading: None
+) -> None:
+    """Knee AP analysed, LAT excluded; and AP + LAT analysed (fused), a second LAT excluded."""
+    one = not_applicable_case(phantoms["knee"], "knee", ["no-implant"], analysed=1)
+    sr = roundtrip(one.report)
+    (group,) = measurement_groups(sr)
+    assert group.tracking_identifier == "knee AP image 1"
+    assert evaluation(group).value == one.prediction.classes[1].code_value
+    (image,) = group.source_images
+    assert image.referenced_sop_instance_uid == one.sources[0].SOPInstanceUID
+    code = NOT_APPLICABLE_REASON_CODES["no-implant"]
+    assert reason_items(sr) == [(code.value, code.scheme, code.meaning)]
+    assert comments(sr) == [
+        "LAT image 2 not applicable: no implant detected (implant 0.02 < 0.31); "
+        "implant probability 2%, threshold 31%"
+    ]
+    # The study has a result: its Series Description is that of any other SR.
+    assert sr.SeriesDescription == series_description("knee", "SR", demo=True)
+    assert NA_DESCRIPTION not in sr.SeriesDescription
+    assert NOT_APPLICABLE_CODE[0] not in code_values(sr)  # the study has a result
+    every = [one.sources[0].SOPInstanceUID, one.excluded[0].SOPInstanceUID]
+    assert library_uids(sr) == every
+    assert evidence_uids(sr) == set(every)
+    # The groups of the analysed images are those of a study without the excluded one.
+    alone = build_structured_report(
+        replace(one.prediction, not_applicable=()), one.sources, [], spec=KNEE, now=NOW
+    )
+    assert [evaluation(g).value for g in measurement_groups(alone)] == [evaluation(group).value]
+
+    two = not_applicable_case(phantoms["knee"], "knee", ["out-of-distribution"], analysed=2)
+    groups = measurement_groups(two.report)
+    assert [g.tracking_identifier for g in groups] == [
+        "knee AP image 1",
+        "knee LAT image 2",
+        "knee study-level AP+LAT fused",
+    ]
+    fused = {image.referenced_sop_instance_uid for image in groups[-1].source_images}
+    assert fused == {ds.SOPInstanceUID for ds in two.sources}
+    assert comments(two.report) == [
+        "LAT image 3 not applicable: image outside the model's training data "
+        "(OOD score 41.7 > 25.0); out-of-distribution distance 41.7, threshold 25"
+    ]
+    assert library_uids(two.report)[-1] == two.excluded[0].SOPInstanceUID
+
+
+@pytest.mark.parametrize("analysed", [0, 1])
+def test_not_applicable_sr_of_a_later_version_still_supersedes(
+    phantoms: dict[str, Path], analysed: int
+) -> None:
+    case = not_applicable_case(
+        phantoms["knee"], "knee", ["anatomy"] * (2 - analysed), analysed=analysed, version=2
+    )
+    texts = comments(case.report)
+    assert texts[-1].startswith("Version 2 of this result: supersedes earlier orthonode results")
+    assert [t for t in texts if "not applicable" in t] == texts[:-1] and len(texts) == 3 - analysed
+    assert supersede_texts(case.report)[-1] == texts[-1]
+    assert len(reason_items(case.report)) == 1
+    # One Qualitative Evaluations container, the last item of the root.
+    names = [item.ConceptNameCodeSequence[0].CodeValue for item in case.report.ContentSequence]
+    assert names.count("C0034375") == 1 and names[-1] == "C0034375"
+
+
+def test_not_applicable_sr_is_deterministic(phantoms: dict[str, Path]) -> None:
+    case = not_applicable_case(phantoms["hip"], "hip", ["no-implant"])
+
+    def build() -> bytes:
+        report = build_structured_report(
+            case.prediction,
+            [],
+            [],
+            spec=HIP,
+            excluded_sources=case.excluded,
+            instance_uid="2.25.5",
+            series_uid="2.25.6",
+            now=NOW,
+        )
+        return to_bytes(report)
+
+    assert build() == build()
+
+
+def test_excluded_sources_must_match_the_not_applicable_images(phantoms: dict[str, Path]) -> None:
+    case = not_applicable_case(phantoms["knee"], "knee", ["no-implant", "view"])
+    prediction, excluded = case.prediction, case.excluded
+
+    def build(p: Prediction, sources: Sequence[Dataset], others: Sequence[Dataset]) -> Dataset:
+        return build_structured_report(p, sources, [], spec=KNEE, excluded_sources=others)
+
+    with pytest.raises(EncodeError, match="1 excluded source"):
+        build(prediction, [], excluded[:1])
+    with pytest.raises(EncodeError, match="excluded source 0"):
+        build(prediction, [], list(reversed(excluded)))
+    with pytest.raises(EncodeError, match="no source image"):
+        build(replace(prediction, not_applicable=()), [], [])
+    unknown = (
+        replace(prediction.not_applicable[0], reason="blurred"),
+        prediction.not_applicable[1],
+    )
+    with pytest.raises(EncodeError, match="'blurred'"):
+        build(replace(prediction, not_applicable=unknown), [], excluded)
+    with pytest.raises(EncodeError, match="fused"):
+        build(replace(prediction, fused_probabilities=(1.0,)), [], excluded)
+    # An applicable prediction still needs its analysed sources, and an image is one or other.
+    partly = not_applicable_case(phantoms["knee"], "knee", ["view"], analysed=1)
+    with pytest.raises(EncodeError, match="0 source"):
+        build(partly.prediction, [], partly.excluded)
+    ap = partly.prediction.views[0].view
+    twice = replace(partly.prediction, not_applicable=(NotApplicable(ap, "view", ""),))
+    with pytest.raises(EncodeError, match="both analysed and excluded"):
+        build(twice, partly.sources, partly.sources)
+
+
+@pytest.fixture(scope="module")
+def not_applicable_files(
+    phantoms: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Not-applicable SRs on disk (every task and reason, two reasons, partly, version 2), and a
+    normal SR per task to compare the validators' warnings with."""
+    folder = tmp_path_factory.mktemp("not-applicable")
+    reports: dict[str, Dataset] = {}
+    for task in TASKS:
+        reports[f"{task}-normal"] = standard_case(phantoms[task], task).report
+        for reason in NOT_APPLICABLE_REASONS:
+            reasons = [reason] * (1 if task == "hip" else 2)
+            reports[f"{task}-{reason}"] = not_applicable_case(phantoms[task], task, reasons).report
+    for name, task, reasons, analysed, version in [
+        ("knee-two-reasons-v2", "knee", ["no-implant", "view"], 0, 2),
+        ("hip-two-reasons", "hip", ["anatomy", "out-of-distribution"], 0, 1),
+        ("knee-partly-v2", "knee", ["no-implant"], 1, 2),
+        ("spine-partly", "spine", ["view"], 2, 1),
+    ]:
+        case = not_applicable_case(
+            phantoms[task], task, reasons, analysed=analysed, version=version
+        )
+        reports[name] = case.report
+    paths = {}
+    for name, report in reports.items():
+        paths[name] = folder / f"{name}.dcm"
+        report.save_as(paths[name], enforce_file_format=True)
+    return paths
+
+
+def validator_output(command: list[str]) -> list[str]:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    return (result.stdout + result.stderr).splitlines()
+
+
+def problems(output: list[str]) -> set[str]:
+    """The Error and Warning lines of a validator, without item positions ("1.9.2.14")."""
+    return {
+        re.sub(r"^(Warning|Error): [0-9.]+: ", r"\1: ", line.strip())
+        for line in output
+        if line.startswith(("Error", "Warning"))
+    }
+
+
+def not_applicable_names(files: dict[str, Path]) -> list[str]:
+    return [name for name in files if not name.endswith("-normal")]
+
+
+def test_not_applicable_srs_pass_dciodvfy_and_dsrdump(
+    not_applicable_files: dict[str, Path],
+) -> None:
+    dciodvfy, dsrdump = require_tool("dciodvfy"), require_tool("dsrdump")
+    normal = {
+        task: problems(validator_output([dciodvfy, str(not_applicable_files[f"{task}-normal"])]))
+        for task in TASKS
+    }
+    assert not any(line.startswith("Error") for lines in normal.values() for line in lines)
+    for name in not_applicable_names(not_applicable_files):
+        path = str(not_applicable_files[name])
+        task = name.split("-")[0]
+        assert problems(validator_output([dciodvfy, path])) <= normal[task], name  # none new
+        result = subprocess.run([dsrdump, "-q", path], capture_output=True, text=True)
+        assert result.returncode == 0 and not result.stderr.strip(), (name, result.stderr)
+        full = subprocess.run(
+            [dsrdump, "-q", "+Pl", "+Pc", path], capture_output=True, text=True
+        ).stdout
+        assert "Imaging Measurement Report" in full
+        assert '(C0034375,UMLS,"Qualitative Evaluations")' in full
+        assert ('(385432009,SCT,"Not applicable")' in full) is ("partly" not in name), name
+        assert '(NA-REASON,99ORTHONODE,"Reason not applicable")' in full
+        assert "not applicable: " in full and ", threshold " in full, name  # score, threshold
+
+
+@pytest.mark.slow
+def test_not_applicable_srs_pass_pixelmeds_validator(not_applicable_files: dict[str, Path]) -> None:
+    """Fully not applicable for the four reasons (two SRs with two each, one with a supersede
+    comment) and partly not applicable: no error; the fully not-applicable SRs not even a
+    warning, the partly one only the warning a normal SR has on each group's evaluation."""
+    require_tool("java")
+    if not Path(PIXELMED_SR_VALIDATOR[-2]).exists():
+        pytest.skip("pixelmed.jar not installed")
+    names = ["knee-two-reasons-v2", "hip-two-reasons", "knee-partly-v2"]
+    commands = [[*PIXELMED_SR_VALIDATOR, str(not_applicable_files[name])] for name in names]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        outputs = dict(zip(names, pool.map(validator_output, commands), strict=True))
+    for name, output in outputs.items():
+        assert "Found Root Template TID_1500 (MeasurementReport)" in output, name  # it validated
+        found = problems(output)
+        assert not any(line.startswith("Error") for line in found), (name, found)
+        if "partly" in name:
+            for line in found:  # the evaluation item of the analysed group (a normal SR has it)
+                assert '(125007,DCM,"Measurement Group")/CODE (IMPLANT-MODEL' in line, line
+                assert line.endswith("Content Item not in template"), line
+        else:
+            assert found == set(), (name, found)
 
 
 # -- Secondary Capture -------------------------------------------------------------------------
