@@ -17,7 +17,8 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.config import RoutingRule
-from dicom_node.route import route
+from dicom_node.domain import InstanceRef
+from dicom_node.route import Route, route
 from dicom_node.store import Spool
 
 __all__ = ["ROUTING_TAGS", "Assembler"]
@@ -53,6 +54,10 @@ class Assembler:
         Seconds, on the spool's clock.
     on_unmatched : callable, optional
         Called for each instance no rule matched (a metric).
+    image_route : callable, optional
+        ``routing.image_check: fallback``: ``image_route(instance)`` reads the image and says
+        which (task, view) it shows, or None when unsure. It decides when the tags match no
+        rule or contradict it; the tags' laterality is kept.
     """
 
     def __init__(
@@ -63,6 +68,7 @@ class Assembler:
         stable_after_s: float,
         clock: Callable[[], float],
         on_unmatched: Callable[[], None] | None = None,
+        image_route: Callable[[InstanceRef], tuple[str, str] | None] | None = None,
     ) -> None:
         self.spool = spool
         self.rules = list(rules)
@@ -70,6 +76,7 @@ class Assembler:
         self.stable_after_s = stable_after_s
         self.clock = clock
         self.on_unmatched = on_unmatched
+        self.image_route = image_route
 
     def route_new(self) -> int:
         """Route every unrouted instance; returns how many were looked at."""
@@ -85,7 +92,9 @@ class Assembler:
                     error,
                     extra={"sop_instance_uid": instance.sop_instance_uid},
                 )
-                decision = None
+                decision, tags = None, {}
+            if self.image_route is not None:
+                decision = self._by_image(instance, tags, decision)
             if decision is None or decision.task not in self.required_views:
                 self.spool.mark_routed(instance, None, None, None)
                 log.info(
@@ -98,6 +107,36 @@ class Assembler:
                 continue
             self.spool.mark_routed(instance, decision.task, decision.view, decision.laterality)
         return len(instances)
+
+    def _by_image(
+        self, instance: InstanceRef, tags: Mapping[str, object], decision: Route | None
+    ) -> Route | None:
+        """``fallback``: the image's (task, view) where the tags are missing or contradict it."""
+        assert self.image_route is not None
+        try:
+            seen = self.image_route(instance)
+        except Exception as error:  # an undecodable image: the tags decide
+            log.warning(
+                "image check of instance %s for routing failed: %s",
+                instance.sop_instance_uid,
+                type(error).__name__,
+            )
+            return decision
+        if seen is None or seen[0] not in self.required_views:
+            return decision
+        if decision is not None and (decision.task, decision.view) == seen:
+            return decision
+        side = str(tags.get("ImageLaterality") or tags.get("Laterality") or "").upper()
+        laterality = decision.laterality if decision else (side if side in ("R", "L") else None)
+        log.info(
+            "instance %s of study %s routed by its image to %s %s (tags: %s)",
+            instance.sop_instance_uid,
+            instance.study_instance_uid,
+            seen[0],
+            seen[1],
+            f"{decision.task} {decision.view}" if decision else "no rule matched",
+        )
+        return Route(task=seen[0], view=seen[1], laterality=laterality)
 
     def promote(self) -> int:
         """Promote every study that is complete or quiet; returns how many became ready."""

@@ -80,6 +80,7 @@ def _echo(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    from dicom_node.applicability import load_image_checker
     from dicom_node.models.bundle import load_bundles
 
     config = _config(args)
@@ -96,9 +97,23 @@ def _check_config(args: argparse.Namespace) -> int:
             details.append("region of interest")
         if card.decision_threshold is not None:
             details.append(f"operating point {card.decision_threshold:.3f}")
+        if card.ood is not None:
+            details.append(f"out-of-distribution threshold {card.ood.threshold:.1f}")
         sys.stdout.write(
             f"  {task}: {card.name} {card.version} ({', '.join(details)})"
             f"{' DEMO WEIGHTS - not for clinical use' if card.demo else ''}\n"
+        )
+    if config.routing.image_check == "off":
+        sys.stdout.write("  image check: off (tags alone decide the route)\n")
+    else:
+        checker = load_image_checker(config.routing.image_check_bundle)
+        thresholds = ", ".join(
+            f"{t} {v:.2f}" for t, v in sorted(checker.card.implant_thresholds.items())
+        )
+        sys.stdout.write(
+            f"  image check ({config.routing.image_check}): {checker.card.name} "
+            f"{checker.card.version} ({checker.card.input_size} px; implant thresholds "
+            f"{thresholds}){' DEMO WEIGHTS - not for clinical use' if checker.card.demo else ''}\n"
         )
     return 0
 

@@ -138,6 +138,40 @@ class RoutingRule(_Model):
     )
 
 
+class RoutingConfig(_Model):
+    """Which task and view each instance goes to: rules on its tags, checked by the image.
+
+    ``image_check`` (a small model that reads the image: anatomy, view, implant present):
+    ``confirm`` routes by the rules and answers "not applicable" when the image contradicts
+    them; ``fallback`` also routes by the image when the tags are missing or contradict it;
+    ``off`` trusts the tags alone.
+    """
+
+    image_check: Literal["confirm", "fallback", "off"] = "confirm"
+    image_check_bundle: Path = Field(
+        default=Path("weights/image-check"), description="the image check's model.pt + card.json"
+    )
+    rules: list[RoutingRule] = Field(
+        default_factory=list, description="empty: one rule per enabled task, from its spec"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rules_only(cls, data: Any) -> Any:
+        if isinstance(data, list):  # `routing:` as a plain list of rules (before 0.2)
+            return {"rules": data}
+        return data
+
+
+class OutputsConfig(_Model):
+    """What the node sends back."""
+
+    when_not_applicable: Literal["report", "skip"] = Field(
+        default="report",
+        description="report: an SR that says 'not applicable' and why; skip: nothing",
+    )
+
+
 class InferenceConfig(_Model):
     """The inference worker."""
 
@@ -190,9 +224,8 @@ class Config(BaseSettings):
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     assembly: AssemblyConfig = Field(default_factory=AssemblyConfig)
     tasks: dict[str, TaskConfig] = Field(default_factory=_default_tasks)
-    routing: list[RoutingRule] = Field(
-        default_factory=list, description="empty: one rule per enabled task, from its spec"
-    )
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
+    outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     send: SendConfig = Field(default_factory=SendConfig)
 
@@ -241,10 +274,10 @@ class Config(BaseSettings):
 
     @model_validator(mode="after")
     def _rules_name_tasks(self) -> Config:
-        if not self.routing:
+        if not self.routing.rules:
             # A frozen model: set the derived default once, while it is being built.
-            object.__setattr__(self, "routing", _spec_rules(self.tasks))
-        unknown = sorted({rule.task for rule in self.routing} - set(self.tasks))
+            object.__setattr__(self.routing, "rules", _spec_rules(self.tasks))
+        unknown = sorted({rule.task for rule in self.routing.rules} - set(self.tasks))
         if unknown:
             raise ValueError(
                 f"routing rules name task(s) {unknown} that are not under tasks: "
@@ -301,7 +334,10 @@ def _resolve(config: Config, root: Path) -> Config:
         for name, task in config.tasks.items()
     }
     spool = config.spool.model_copy(update={"directory": absolute(config.spool.directory)})
-    return config.model_copy(update={"tasks": tasks, "spool": spool})
+    routing = config.routing.model_copy(
+        update={"image_check_bundle": absolute(config.routing.image_check_bundle)}
+    )
+    return config.model_copy(update={"tasks": tasks, "spool": spool, "routing": routing})
 
 
 def parse_ae_address(text: str) -> DestinationConfig:

@@ -7,20 +7,29 @@ more claimed studies as one batch per task, and explains a view for the predicte
 localiser, each view is first located and the classifier reads the square around the implant
 at the source's resolution (:func:`dicom_node.preprocess.classifier_input`, shared with
 ``train/``). Every stage's time goes to an injected ``observe(stage, seconds)``.
+
+Before a view's result counts, the applicability stage (:mod:`dicom_node.applicability`) asks
+whether the node may answer on it: the image check (anatomy, view, implant present) when one
+is given, and the bundle's out-of-distribution score when its card has one. Excluded views
+are listed in ``Prediction.not_applicable``; the study's result uses only the others, and a
+study with none left is not applicable.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pydicom
 import torch
 
+from dicom_node.applicability import ImageChecker, assess
 from dicom_node.domain import (
     Explanation,
+    ImageCheck,
+    NotApplicable,
     Prediction,
     PreparedView,
     RoutedView,
@@ -31,7 +40,9 @@ from dicom_node.domain import (
 from dicom_node.errors import InferenceError
 from dicom_node.explain import explain
 from dicom_node.models.bundle import Bundle, Stacker
+from dicom_node.models.ood import pooled_features
 from dicom_node.preprocess import classifier_input, display_image
+from dicom_node.tasks import TaskSpec, builtin_tasks
 
 __all__ = ["Observe", "Predictor", "fuse", "select_device"]
 
@@ -85,11 +96,18 @@ class Predictor:
         *,
         saliency: str = "gradcam",
         observe: Observe = _ignore,
+        image_checker: ImageChecker | None = None,
+        specs: Mapping[str, TaskSpec] | None = None,
+        out_of_distribution: bool = True,
     ) -> None:
         self.bundles = bundles
         self.device = device or torch.device("cpu")
         self.saliency = saliency
         self.observe = observe
+        self.image_checker = image_checker
+        # The specs say which anatomy each task reads (site tasks: from conf.yaml).
+        self.specs: dict[str, TaskSpec] = {**builtin_tasks(), **(specs or {})}
+        self.out_of_distribution = out_of_distribution
         for bundle in bundles.values():
             bundle.model.to(self.device).eval()
 
@@ -116,10 +134,16 @@ class Predictor:
         return PreparedView(view=view, dataset=ds, display=display, tensor=tensor, region=region)
 
     def predict(self, jobs: Sequence[StudyJob]) -> list[tuple[Prediction, list[PreparedView]]]:
-        """Predict several studies; views of the same task run as one batch."""
+        """Predict several studies; views of the same task run as one batch.
+
+        Returns per job its prediction and its prepared views: first the analysed ones (in the
+        order of ``prediction.views``), then the excluded ones (``prediction.not_applicable``).
+        """
         prepared = [[self.prepare(v) for v in job.views] for job in jobs]
+        checks = self._check([v for views in prepared for v in views])
         started = time.perf_counter()
         probabilities: dict[int, np.ndarray] = {}
+        scores: dict[int, float] = {}
         by_task: dict[str, list[PreparedView]] = {}
         for views in prepared:
             for view in views:
@@ -127,24 +151,47 @@ class Predictor:
         for task, views in by_task.items():
             bundle = self.bundles[task]
             batch = torch.stack([v.tensor for v in views]).to(self.device)
+            ood = bundle.ood if self.out_of_distribution else None
             with torch.no_grad():
-                logits = bundle.model(batch).float() / bundle.card.temperature
+                if ood is not None:
+                    raw, features = pooled_features(bundle.model, batch)
+                    for view, score in zip(views, ood.score(features), strict=True):
+                        scores[id(view)] = float(score)
+                else:
+                    raw = bundle.model(batch)
+                logits = raw.float() / bundle.card.temperature
             for view, p in zip(views, torch.softmax(logits, dim=1).cpu().numpy(), strict=True):
                 probabilities[id(view)] = p.astype(np.float64)
         results = []
         for job, views in zip(jobs, prepared, strict=True):
             bundle = self.bundles[job.task]
+            analysed: list[PreparedView] = []
+            excluded: list[tuple[PreparedView, NotApplicable]] = []
+            for v in views:
+                verdict = self._assess(v, checks.get(id(v)), scores.get(id(v)))
+                if verdict is None:
+                    analysed.append(v)
+                else:
+                    excluded.append((v, verdict))
+                    log.info(
+                        "instance %s of study %s: not applicable to %s (%s: %s)",
+                        v.view.instance.sop_instance_uid,
+                        job.study_instance_uid,
+                        job.task,
+                        verdict.reason,
+                        verdict.detail,
+                    )
             per_view = [
                 ViewPrediction(
                     view=v.view,
                     probabilities=tuple(float(x) for x in probabilities[id(v)]),
                     region=v.region,
                 )
-                for v in views
+                for v in analysed
             ]
-            latest = latest_indices(job.views)
+            latest = latest_indices(tuple(v.view for v in analysed))
             fused = fuse(
-                {views[i].view.view: probabilities[id(views[i])] for i in latest},
+                {analysed[i].view.view: probabilities[id(analysed[i])] for i in latest},
                 bundle.card.stacker,
             )
             prediction = Prediction(
@@ -157,12 +204,33 @@ class Predictor:
                 model=bundle.model_info,
                 decision_threshold=bundle.card.decision_threshold,
                 fused_views=latest if fused is not None else (),
+                not_applicable=tuple(na for _, na in excluded),
             )
-            results.append((prediction, views))
+            results.append((prediction, analysed + [v for v, _ in excluded]))
         views_done = sum(len(v) for v in prepared)
         for _ in range(views_done):  # per view, like the other stages: the batch's mean
             self.observe("classify", (time.perf_counter() - started) / views_done)
         return results
+
+    def _check(self, views: Sequence[PreparedView]) -> dict[int, ImageCheck]:
+        """The image check of every view (one batch), when the predictor has one."""
+        if self.image_checker is None or not views:
+            return {}
+        started = time.perf_counter()
+        checks = self.image_checker.check([v.display for v in views])
+        for _ in views:
+            self.observe("check", (time.perf_counter() - started) / len(views))
+        return {id(v): c for v, c in zip(views, checks, strict=True)}
+
+    def _assess(
+        self, view: PreparedView, check: ImageCheck | None, score: float | None
+    ) -> NotApplicable | None:
+        spec = self.specs.get(view.view.task)
+        if spec is None:
+            return None
+        card = self.image_checker.card if self.image_checker is not None else None
+        ood = self.bundles[view.view.task].card.ood if self.out_of_distribution else None
+        return assess(view.view, spec, check, card, score, ood)
 
     def explain(self, view: PreparedView, target: int) -> Explanation:
         """The saliency heatmap of ``view`` for class ``target``, on the source's grid."""

@@ -16,6 +16,7 @@ __all__ = ["STAGES", "Metrics"]
 STAGES = (
     "wait_ready",
     "read",
+    "check",
     "locate",
     "classify",
     "explain",
@@ -43,6 +44,13 @@ class Metrics:
         )
         self.failed = Counter(
             "orthonode_studies_failed", "Study jobs failed", ["task"], registry=self.registry
+        )
+        self.not_applicable = Counter(
+            "orthonode_not_applicable",
+            "Images the node did not answer on, by task and reason (anatomy, view, "
+            "no-implant, out-of-distribution)",
+            ["task", "reason"],
+            registry=self.registry,
         )
         self.latency = Histogram(
             "orthonode_study_seconds",

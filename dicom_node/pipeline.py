@@ -60,6 +60,9 @@ class Pipeline:
     observe: Observe = _ignore
     on_failed: Callable[[str], None] | None = None  # task name; a metric
     on_queued: Callable[[], None] | None = None  # outputs queued: wake the sender
+    # An image not answered on: (task, reason); a metric.
+    on_not_applicable: Callable[[str, str], None] | None = None
+    when_not_applicable: str = "report"  # or "skip": no output for a study not applicable
 
     def process(self, jobs: Sequence[StudyJob]) -> list[Outputs]:
         """Run claimed jobs as one batch; on an error, one by one, marking the failures.
@@ -119,18 +122,34 @@ class Pipeline:
                     job.version,
                 )
                 continue
-            log.info(
-                "study %s task %s v%d: %s %.1f%% (%d view(s)), %d object(s) queued",
-                job.study_instance_uid,
-                job.task,
-                job.version,
-                "undetermined"
-                if prediction.abstained
-                else prediction.classes[prediction.predicted_index].name,
-                100 * prediction.certainty,
-                len(views),
-                len(paths),
-            )
+            if self.on_not_applicable is not None:
+                for excluded in prediction.not_applicable:
+                    self.on_not_applicable(job.task, excluded.reason)
+            if prediction.applicable:
+                log.info(
+                    "study %s task %s v%d: %s %.1f%% (%d of %d view(s)), %d object(s) queued",
+                    job.study_instance_uid,
+                    job.task,
+                    job.version,
+                    "undetermined"
+                    if prediction.abstained
+                    else prediction.classes[prediction.predicted_index].name,
+                    100 * prediction.certainty,
+                    len(prediction.views),
+                    len(views),
+                    len(paths),
+                )
+            else:
+                log.info(
+                    "study %s task %s v%d: not applicable (%s), %d object(s) queued",
+                    job.study_instance_uid,
+                    job.task,
+                    job.version,
+                    ", ".join(sorted({n.reason for n in prediction.not_applicable})),
+                    len(paths),
+                )
+            if not paths:
+                continue
             outputs.append(
                 Outputs(
                     study_instance_uid=job.study_instance_uid,
@@ -144,9 +163,11 @@ class Pipeline:
     def _encode_and_queue(
         self, job: StudyJob, prediction: Prediction, views: Sequence[PreparedView]
     ) -> list[Path] | None:
-        """Explain each view, build and write its Secondary Capture, build and write the SR,
-        then queue them all and mark the study done in one transaction. Returns the paths, SR
-        first; None when a newer version superseded the job (nothing is queued).
+        """Explain each analysed view, build and write its Secondary Capture, build and write
+        the SR (which also lists the views not applicable, and why), then queue them all and
+        mark the study done in one transaction. Returns the paths, SR first (empty: a study not
+        applicable with ``when_not_applicable: skip``); None when a newer version superseded
+        the job (nothing is queued).
 
         Queuing each SC as soon as it was written, so that it travels while the SR is made,
         was measured and dropped: on 2 cores the sender then competes with encoding for the
@@ -156,10 +177,13 @@ class Pipeline:
         key = (job.study_instance_uid, job.task, job.version, prediction.model.version)
         spec = self.specs[job.task]
         now = self.clock()
+        analysed, excluded = views[: len(prediction.views)], views[len(prediction.views) :]
+        if not prediction.applicable and self.when_not_applicable == "skip":
+            return [] if self.spool.complete(job, [], list(self.destinations)) else None
         sc_series = output_uid(*key, "sc-series")
         secondary: list[Dataset] = []
         paths: list[Path] = []
-        for number, view in enumerate(views, start=1):
+        for number, view in enumerate(analysed, start=1):
             explanation = self.predictor.explain(view, prediction.predicted_index)
             started = time.perf_counter()
             capture = self.build_secondary_capture(
@@ -181,8 +205,9 @@ class Pipeline:
         started = time.perf_counter()
         report = self.build_structured_report(
             prediction,
-            [v.dataset for v in views],
+            [v.dataset for v in analysed],
             secondary,
+            excluded_sources=[v.dataset for v in excluded],
             spec=spec,
             version=job.version,
             series_number=SR_SERIES_NUMBER,

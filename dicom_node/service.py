@@ -14,20 +14,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+import pydicom
 from prometheus_client import start_http_server
 
+from dicom_node.applicability import ImageChecker, load_image_checker
 from dicom_node.assemble import Assembler
 from dicom_node.config import Config
+from dicom_node.domain import InstanceRef
 from dicom_node.infer import Predictor, select_device
 from dicom_node.metrics import Metrics
 from dicom_node.models.bundle import load_bundles
 from dicom_node.pipeline import Pipeline
+from dicom_node.preprocess import display_image
 from dicom_node.receive import StorageScp
 from dicom_node.send import Sender
 from dicom_node.store import Spool
+from dicom_node.tasks import TaskSpec
 
 __all__ = ["Service"]
 
@@ -57,6 +62,9 @@ class Service:
         config = self.config
         device = select_device(config.inference.device)
         bundles = load_bundles(config, device)
+        image_checker = None
+        if config.routing.image_check != "off":
+            image_checker = load_image_checker(config.routing.image_check_bundle, device)
         self.metrics = metrics = Metrics()
         self.spool = Spool(
             config.spool.directory,
@@ -66,26 +74,39 @@ class Service:
         resumed = self.spool.resume()
         if resumed:
             log.info("resuming %d study job(s) interrupted by the last stop", resumed)
+        specs = {task: config.spec(task) for task in bundles}
         self.assembler = Assembler(
             self.spool,
-            config.routing,
+            config.routing.rules,
             {task: bundle.card.views for task, bundle in bundles.items()},
             config.assembly.stable_after_s,
             self.clock,
             on_unmatched=metrics.unrouted.inc,
+            image_route=self._image_route(image_checker, specs, list(bundles))
+            if image_checker is not None and config.routing.image_check == "fallback"
+            else None,
         )
         self.pipeline = Pipeline(
             predictor=Predictor(
-                bundles, device, saliency=config.inference.saliency, observe=metrics.observe
+                bundles,
+                device,
+                saliency=config.inference.saliency,
+                observe=metrics.observe,
+                image_checker=image_checker,
+                specs=specs,
             ),
             spool=self.spool,
-            specs={task: config.spec(task) for task in bundles},
+            specs=specs,
             destinations=[d.key for d in config.destinations],
             build_structured_report=build_structured_report,
             build_secondary_capture=build_secondary_capture,
             observe=metrics.observe,
             on_failed=lambda task: metrics.failed.labels(task=task).inc(),
             on_queued=self._send.set,
+            on_not_applicable=lambda task, reason: metrics.not_applicable.labels(
+                task=task, reason=reason
+            ).inc(),
+            when_not_applicable=config.outputs.when_not_applicable,
         )
         self.sender = Sender(
             self.spool,
@@ -123,6 +144,16 @@ class Service:
             ", ".join(f"{t} ({b.card.version})" for t, b in bundles.items()),
             device,
         )
+
+    @staticmethod
+    def _image_route(
+        checker: ImageChecker, specs: Mapping[str, TaskSpec], tasks: Sequence[str]
+    ) -> Callable[[InstanceRef], tuple[str, str] | None]:
+        def image_route(instance: InstanceRef) -> tuple[str, str] | None:
+            check = checker.check([display_image(pydicom.dcmread(instance.path))])[0]
+            return checker.route(check, specs, tasks)
+
+        return image_route
 
     def _on_stored(self, study_instance_uid: str, sop_instance_uid: str) -> None:
         self.metrics.received.inc()

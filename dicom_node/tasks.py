@@ -74,6 +74,12 @@ class TaskSpec(_Frozen):
     routing: RoutingDefaults
     views: list[str] = Field(default_factory=lambda: ["AP", "LAT"], min_length=1)
     classes: list[CardClass] = Field(min_length=2)
+    anatomy: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9-]{0,31}$",
+        description="the body part the image check must see (knee, hip, spine); "
+        "None: the image check does not judge anatomy for this task",
+    )
 
     def class_infos(self) -> tuple[ClassInfo, ...]:
         """The default classes as the stages pass them on."""

@@ -292,3 +292,52 @@ def referenced_instances(report: pydicom.Dataset) -> set[str]:
         for series in study.get("ReferencedSeriesSequence", [])
         for item in series.get("ReferencedSOPSequence", [])
     }
+
+
+def fixed_image_check(
+    path: Path,
+    *,
+    anatomy: str = "knee",
+    view: str = "AP",
+    implant: dict[str, float] | None = None,
+    thresholds: dict[str, float] | None = None,
+) -> Path:
+    """An image check bundle whose network says the same of every image (its head's weights
+    are zero and its bias holds the wanted logits): to drive the applicability stage."""
+    import json
+    import math
+
+    from dicom_node.applicability import IMAGE_CHECK_FILE, ImageCheckCard
+    from dicom_node.models.bundle import sha256_file
+
+    anatomies, views, implants = (
+        ["knee", "hip", "spine", "other"],
+        ["AP", "LAT"],
+        [
+            "knee",
+            "hip",
+            "spine",
+        ],
+    )
+    implant = {"knee": 0.99, "hip": 0.99, "spine": 0.99, **(implant or {})}
+    model = build_backbone("orthonode_cnn", len(anatomies) + len(views) + len(implants))
+    head = model.head[-1]
+    with torch.no_grad():
+        head.weight.zero_()
+        bias = [8.0 if a == anatomy else 0.0 for a in anatomies]
+        bias += [8.0 if v == view else 0.0 for v in views]
+        bias += [math.log(implant[t] / (1 - implant[t])) for t in implants]
+        head.bias.copy_(torch.tensor(bias))
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path / IMAGE_CHECK_FILE)
+    card = ImageCheckCard(
+        version="0.0.1-test",
+        input_size=64,
+        anatomies=anatomies,
+        views=views,
+        implants=implants,
+        implant_thresholds=thresholds or {"knee": 0.5, "hip": 0.5, "spine": 0.5},
+        model_sha256=sha256_file(path / IMAGE_CHECK_FILE),
+    )
+    (path / "card.json").write_text(json.dumps(card.model_dump(), indent=2))
+    return path

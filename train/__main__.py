@@ -14,11 +14,22 @@ __all__ = ["main"]
 def _commands() -> dict[
     str, tuple[Callable[[bool], argparse.ArgumentParser], Callable[[argparse.Namespace], int], str]
 ]:
-    from train import calibrate, compare, ensemble, evaluate, export, fit, lr_find
-    from train.synth import check, figures, generate
+    from train import (
+        calibrate,
+        compare,
+        ensemble,
+        evaluate,
+        export,
+        fit,
+        image_check,
+        lr_find,
+        ood,
+        robustness,
+    )
+    from train.synth import check, command, figures
 
     return {
-        "synth": (generate.get_args_parser, generate.main, "write a phantom data set"),
+        "synth": (command.get_args_parser, command.main, "write a phantom data set"),
         "synth-check": (
             check.get_args_parser,
             check.main,
@@ -54,6 +65,21 @@ def _commands() -> dict[
             compare.get_args_parser,
             compare.main,
             "several backbones (with / without ROI) on one split, one table",
+        ),
+        "image-check": (
+            image_check.get_args_parser,
+            image_check.main,
+            "train the image check (anatomy, view, implant present) on phantoms of all tasks",
+        ),
+        "ood": (
+            ood.get_args_parser,
+            ood.main,
+            "fit a bundle's out-of-distribution score and threshold on in-distribution data",
+        ),
+        "robustness": (
+            robustness.get_args_parser,
+            robustness.main,
+            "evaluate a bundle on a grid of acquisition shifts (fresh phantoms per cell)",
         ),
         "export": (
             export.get_args_parser,

@@ -153,6 +153,14 @@ def _from_manifest(
     views = {r["view"] for r in rows} - {"AP", "LAT"}
     if views:
         raise ValueError(f"{manifest}: views must be AP or LAT, found {sorted(views)}")
+    # Phantoms without the task's implant (synth --implant none|other|cut|mixed) teach and
+    # test the image check, not the classifier: they have no class.
+    rows = [r for r in rows if (r.get("implant") or "present") == "present"]
+    if not rows:
+        raise ValueError(
+            f"{manifest} has no image with the task's implant (implant column); sets without "
+            "one are for `python -m train evaluate --applicability` and `train image-check`"
+        )
     tasks = {r["task"] for r in rows}
     if len(tasks) != 1:
         raise ValueError(f"{manifest} mixes tasks {sorted(tasks)}; train one task at a time")
@@ -216,7 +224,7 @@ def _from_labels(
                 "Laterality",
             )
         }
-        routed = route(tags, config.routing)
+        routed = route(tags, config.routing.rules)
         relative = path.relative_to(data).as_posix()
         identifiers = {
             "path": relative,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from train.cli import run_command
-from train.predict import evaluate
+from train.predict import evaluate, evaluate_applicability
 from train.report import markdown_summary, write_report
 
 __all__ = ["get_args_parser", "main", "to_markdown"]
@@ -62,6 +62,21 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
         default=None,
         help="also score heatmap localisation on the phantom masks",
     )
+    parser.add_argument(
+        "--image-check",
+        type=Path,
+        default=None,
+        help="image check bundle (e.g. weights/image-check): refuse as the node does",
+    )
+    parser.add_argument(
+        "--no-ood", action="store_true", help="without the bundle's out-of-distribution score"
+    )
+    parser.add_argument(
+        "--applicability",
+        action="store_true",
+        help="count how often the bundle's task refuses this set's studies (any manifest: "
+        "native anatomy, other metal, other tasks' phantoms), instead of scoring classes",
+    )
     return parser
 
 
@@ -82,8 +97,30 @@ def main(args: argparse.Namespace) -> int:
                 handle.write(to_markdown(report, args.title) + "\n")
         sys.stdout.write(text)
 
+    if args.applicability:
+        return run_command(
+            "evaluate",
+            lambda: evaluate_applicability(
+                args.bundle, args.data, image_check=args.image_check, ood=not args.no_ood
+            ),
+            lambda report: _write_json(report, args.out),
+        )
     return run_command(
         "evaluate",
-        lambda: evaluate(args.bundle, args.data, labels=args.labels, saliency=args.saliency),
+        lambda: evaluate(
+            args.bundle,
+            args.data,
+            labels=args.labels,
+            saliency=args.saliency,
+            image_check=args.image_check,
+            ood=not args.no_ood,
+        ),
         show,
     )
+
+
+def _write_json(report: dict[str, Any], out: Path | None) -> None:
+    text = json.dumps(report, indent=2) + "\n"
+    if out:
+        out.write_text(text)
+    sys.stdout.write(text)

@@ -11,6 +11,8 @@ trained a bundle from the ``split.csv`` that :func:`write_split` put beside it.
 from __future__ import annotations
 
 import csv
+from collections import Counter
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -19,16 +21,19 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from dicom_node.applicability import load_image_checker
 from dicom_node.domain import InstanceRef, RoutedView, StudyJob
 from dicom_node.explain import explain
 from dicom_node.infer import Predictor
 from dicom_node.models.bundle import Bundle, load_bundle
+from dicom_node.tasks import TaskSpec
 from train.data import LabelledSet, Sample, read_dataset
 from train.metrics import abstention, bootstrap_intervals, classification_metrics
 from train.report import Section
 
 __all__ = [
     "evaluate",
+    "evaluate_applicability",
     "predict_views",
     "saliency_in_mask",
     "select_studies",
@@ -136,8 +141,16 @@ def evaluate(
     labels: Path | None = None,
     batch: int = 32,
     saliency: str | None = None,
+    image_check: Path | None = None,
+    ood: bool = True,
 ) -> dict[str, Any]:
     """Metrics of the bundle at ``bundle_path`` on the set in ``data``.
+
+    The applicability stage runs as in the node: the bundle's out-of-distribution score (unless
+    ``ood`` is False) and, with ``image_check``, that bundle's anatomy / view / implant check.
+    Every image of the set shows the implant, so a study it refuses is *wrongly* not
+    applicable: ``not_applicable`` counts them (by reason), and the metrics are over the
+    studies answered.
 
     With ``saliency`` ("gradcam" or "integrated-gradients"), also the localisation of the
     heatmaps on the phantom masks (dilated by 2 mm): the mean share of heatmap mass inside the
@@ -156,7 +169,10 @@ def evaluate(
     if dataset.task != bundle.card.task:
         raise ValueError(f"{data} is a {dataset.task} set but the bundle is for {bundle.card.task}")
     jobs, studies = study_jobs(dataset)
-    predictor = Predictor({dataset.task: bundle})
+    checker = load_image_checker(image_check) if image_check is not None else None
+    predictor = Predictor({dataset.task: bundle}, image_checker=checker, out_of_distribution=ood)
+    refused: Counter[str] = Counter()
+    refused_views: Counter[str] = Counter()
     per_view: dict[str, list[tuple[np.ndarray, int]]] = {}
     fused: list[tuple[np.ndarray, int]] = []
     shares: list[float] = []
@@ -175,6 +191,11 @@ def evaluate(
                     share, hit = saliency_in_mask(heat, _dilated_mask(sample, 2.0))
                     shares.append(share)
                     hits.append(hit)
+            for excluded in prediction.not_applicable:
+                refused_views[excluded.reason] += 1
+            if not prediction.applicable:
+                refused.update({n.reason for n in prediction.not_applicable})
+                continue
             for view in prediction.views:
                 per_view.setdefault(view.view.view, []).append(
                     (np.array(view.probabilities), label)
@@ -202,6 +223,16 @@ def evaluate(
         "data": str(data),
         "patients": len({s.patient_id for s in dataset.samples}),
         "studies": len(jobs),
+        "applicability": {
+            "image_check": str(image_check) if image_check else None,
+            "out_of_distribution": bool(ood and bundle.card.ood is not None),
+        },
+        "not_applicable": {
+            "studies": len(jobs) - len(fused),
+            "rate": round((len(jobs) - len(fused)) / max(1, len(jobs)), 4),
+            "by_reason": dict(sorted(refused.items())),
+            "views_by_reason": dict(sorted(refused_views.items())),
+        },
         "sections": {name: metrics for name, metrics, _, _ in raw},
         "raw": raw,
     }
@@ -213,3 +244,115 @@ def evaluate(
             "pointing_game": round(float(np.mean(hits)), 4) if hits else None,
         }
     return report
+
+
+def evaluate_applicability(
+    bundle_path: Path,
+    data: Path,
+    *,
+    image_check: Path | None,
+    ood: bool = True,
+    batch: int = 32,
+) -> dict[str, Any]:
+    """How often the bundle's task refuses the studies of ``data``, routed to it whatever they
+    show: sets that must not be answered (native anatomy, other metal, implants cut off,
+    another task's phantoms, other anatomy), or any set to count refusals.
+
+    Each study of the manifest (every image, whatever its ``implant``) goes through the node's
+    Predictor as a study of the bundle's task. With ``image_check`` the report also says how
+    often the image alone routes each study to its true task and view
+    (``routing.image_check: fallback`` when the tags are missing: ``routed_right``).
+    """
+    bundle = load_bundle(bundle_path)
+    task = bundle.card.task
+    with (data / "manifest.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise ValueError(f"{data / 'manifest.csv'} lists no images")
+    studies: dict[str, list[dict[str, str]]] = {}
+    for row in rows:
+        studies.setdefault(row["study_instance_uid"], []).append(row)
+    jobs = [
+        StudyJob(
+            uid,
+            task,
+            tuple(
+                RoutedView(
+                    InstanceRef(r["sop_instance_uid"], "", uid, "", data / r["path"]),
+                    task,
+                    r["view"],
+                )
+                for r in sorted(members, key=lambda r: r["view"] != "AP")
+                if r["view"] in bundle.card.views
+            ),
+        )
+        for uid, members in studies.items()
+    ]
+    jobs = [j for j in jobs if j.views]
+    checker = load_image_checker(image_check) if image_check is not None else None
+    predictor = Predictor({task: bundle}, image_checker=checker, out_of_distribution=ood)
+    truth = {r["sop_instance_uid"]: r for r in rows}
+    answered: Counter[str] = Counter()
+    reasons: Counter[str] = Counter()
+    partly = 0
+    routed_right = routed_studies = 0
+    names = [c.name for c in bundle.classes]
+    specs = predictor.specs
+    for start in range(0, len(jobs), batch):
+        results = predictor.predict(jobs[start : start + batch])
+        for prediction, prepared in results:
+            if prediction.applicable:
+                answered[
+                    "undetermined" if prediction.abstained else names[prediction.predicted_index]
+                ] += 1
+                partly += bool(prediction.not_applicable)
+            else:
+                reasons.update({n.reason for n in prediction.not_applicable})
+            if checker is not None:
+                checks = checker.check([p.display for p in prepared])
+                tasks = [t for t, s in specs.items() if s.anatomy is not None]
+                right = all(
+                    checker.route(c, specs, tasks)
+                    == _true_route(truth[p.view.instance.sop_instance_uid], specs)
+                    for c, p in zip(checks, prepared, strict=True)
+                )
+                routed_right += right
+                routed_studies += 1
+    total = len(jobs)
+    refused = total - sum(answered.values())
+    kinds = Counter(r.get("implant") or "present" for r in rows)
+    report: dict[str, Any] = {
+        "task": task,
+        "bundle": bundle.card.version,
+        "data": str(data),
+        "set": {
+            "tasks": sorted({r["task"] for r in rows}),
+            "implant": dict(sorted(kinds.items())),
+            "patients": len({r["patient_id"] for r in rows}),
+        },
+        "studies": total,
+        "not_applicable": {
+            "studies": refused,
+            "rate": round(refused / max(1, total), 4),
+            "by_reason": dict(sorted(reasons.items())),
+        },
+        "answered": {
+            "studies": sum(answered.values()),
+            "partly_not_applicable": partly,
+            "by_class": dict(sorted(answered.items())),
+        },
+    }
+    if checker is not None:
+        report["routed_by_image"] = {
+            "studies": routed_studies,
+            "routed_right": round(routed_right / max(1, routed_studies), 4),
+        }
+    return report
+
+
+def _true_route(row: dict[str, str], specs: Mapping[str, TaskSpec]) -> tuple[str, str] | None:
+    """Where the image should go: the task reading its anatomy (None: no task does)."""
+    anatomy = row.get("anatomy") or row["task"]
+    if not any(s.anatomy == anatomy for s in specs.values()):
+        return None
+    return anatomy, row["view"]

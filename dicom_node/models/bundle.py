@@ -33,6 +33,7 @@ from dicom_node.domain import ClassInfo, ModelInfo
 from dicom_node.errors import BundleError
 from dicom_node.models.backbones import build_backbone
 from dicom_node.models.localiser import Localiser
+from dicom_node.models.ood import Mahalanobis, OodSpec
 from dicom_node.preprocess import preprocessing_record
 from dicom_node.tasks import CardClass
 
@@ -132,6 +133,9 @@ class Card(BaseModel):
     temperature: float = Field(default=1.0, gt=0.0)
     stacker: Stacker | None = None
     roi: RoiSpec | None = None
+    ood: OodSpec | None = Field(
+        default=None, description="out-of-distribution score and threshold (train ood)"
+    )
     preprocessing: list[PreprocessingStep] | None = Field(
         default=None,
         validate_default=True,
@@ -174,6 +178,7 @@ class Bundle:
     card: Card
     model: nn.Module
     localiser: nn.Module | None = None
+    ood: Mahalanobis | None = None
 
     @property
     def classes(self) -> tuple[ClassInfo, ...]:
@@ -248,7 +253,16 @@ def load_bundle(path: Path, device: torch.device | str = "cpu") -> Bundle:
         localiser = Localiser()
         _load_state(localiser, _verified(path / card.roi.file, card.roi.sha256), "the localiser")
         localiser.eval().to(device)
-    return Bundle(path=path, card=card, model=model, localiser=localiser)
+    ood = None
+    if card.ood is not None:
+        ood_path = _verified(path / card.ood.file, card.ood.sha256)
+        try:
+            ood = Mahalanobis.from_state(
+                torch.load(ood_path, map_location="cpu", weights_only=True)
+            )
+        except (RuntimeError, OSError, KeyError, ValueError) as error:
+            raise BundleError(f"{ood_path} is not an out-of-distribution model: {error}") from None
+    return Bundle(path=path, card=card, model=model, localiser=localiser, ood=ood)
 
 
 _TRAIN_HINT = (

@@ -76,12 +76,12 @@ def test_routing_defaults_come_from_the_task_specs(tmp_path: Path) -> None:
     from dicom_node.tasks import builtin_tasks
 
     config = load_config(None, base=tmp_path)
-    assert [(r.task, r.body_part) for r in config.routing] == [
+    assert [(r.task, r.body_part) for r in config.routing.rules] == [
         (name, spec.routing.body_part) for name, spec in builtin_tasks().items()
     ]
     path = tmp_path / "conf.yaml"
     path.write_text("tasks:\n  hip: {bundle: weights/hip, enabled: false}\n")
-    assert [r.task for r in load_config(path).routing] == []
+    assert [r.task for r in load_config(path).routing.rules] == []
 
 
 def test_shipped_conf_yaml_is_valid() -> None:
@@ -164,7 +164,7 @@ def test_normalise_view(position: str, description: str, expected: str | None) -
 
 
 def test_route_rules() -> None:
-    rules = load_config(None).routing
+    rules = load_config(None).routing.rules
     knee = {
         "Modality": "DX",
         "BodyPartExamined": "KNEE",
@@ -275,7 +275,7 @@ def test_assembler_routes_and_promotes(tmp_path: Path) -> None:
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
     unmatched = []
-    rules = [r for r in load_config(None).routing if r.task == "knee"]
+    rules = [r for r in load_config(None).routing.rules if r.task == "knee"]
     assembler = Assembler(
         spool, rules, KNEE_VIEWS, 10.0, clock, on_unmatched=lambda: unmatched.append(1)
     )
@@ -314,7 +314,7 @@ def test_assembler_quiet_period(tmp_path: Path) -> None:
     knee = make_set(tmp_path, "k", task="knee", patients=1, seed=4)
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
-    assembler = Assembler(spool, load_config(None).routing, KNEE_VIEWS, 10.0, clock)
+    assembler = Assembler(spool, load_config(None).routing.rules, KNEE_VIEWS, 10.0, clock)
     (ap_bytes, ap), _ = instance_bytes(knee)
     store_file(spool, ap_bytes, ap)
     assembler.route_new()
@@ -333,7 +333,7 @@ def test_required_views_come_from_the_bundle(tmp_path: Path) -> None:
     knee = make_set(tmp_path, "k", task="knee", patients=1, seed=4)
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
-    assembler = Assembler(spool, load_config(None).routing, {"knee": ("AP",)}, 10.0, clock)
+    assembler = Assembler(spool, load_config(None).routing.rules, {"knee": ("AP",)}, 10.0, clock)
     (ap_bytes, ap), _ = instance_bytes(knee)
     store_file(spool, ap_bytes, ap)
     assembler.route_new()
@@ -346,7 +346,7 @@ def _ready_knee_study(
     """A phantom knee study's AP + LAT stored, routed and promoted to ready."""
     clock = FakeClock()
     spool = Spool(tmp_path / "spool", clock=clock)
-    assembler = Assembler(spool, load_config(None).routing, KNEE_VIEWS, 10.0, clock)
+    assembler = Assembler(spool, load_config(None).routing.rules, KNEE_VIEWS, 10.0, clock)
     (ap_bytes, ap), (lat_bytes, lat) = instance_bytes(knee)
     store_file(spool, ap_bytes, ap)
     store_file(spool, lat_bytes, lat)
@@ -425,7 +425,9 @@ def test_resume_requeues_interrupted_jobs(tmp_path: Path) -> None:
     spool = Spool(tmp_path / "spool")
     [(data, ds)] = instance_bytes(knee)
     store_file(spool, data, ds)
-    assembler = Assembler(spool, load_config(None).routing, {"hip": ("AP",)}, 10.0, spool._clock)
+    assembler = Assembler(
+        spool, load_config(None).routing.rules, {"hip": ("AP",)}, 10.0, spool._clock
+    )
     assembler.route_new()
     assembler.promote()
     [job] = spool.claim_ready(8)
@@ -579,7 +581,7 @@ def test_a_failing_study_does_not_fail_the_batch(tmp_path: Path) -> None:
     folder = make_set(tmp_path, "h", task="hip", patients=3, seed=8)
     for data, ds in instance_bytes(folder):
         store_file(spool, data, ds)
-    assembler = Assembler(spool, load_config(None).routing, {"hip": ("AP",)}, 10.0, clock)
+    assembler = Assembler(spool, load_config(None).routing.rules, {"hip": ("AP",)}, 10.0, clock)
     assembler.route_new()
     assert assembler.promote() == 3
     jobs = spool.claim_ready(8)

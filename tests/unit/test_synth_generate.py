@@ -247,7 +247,7 @@ def test_options_cr_monochrome1_and_jpeg2000(tmp_path: Path, strict_reading: Non
 
 
 def test_external_acquisition_preset_shifts_the_images(tmp_path: Path) -> None:
-    from train.synth.generate import get_args_parser, options_from_args
+    from train.synth.command import get_args_parser, options_from_args
 
     args = get_args_parser().parse_args(
         [
@@ -599,7 +599,7 @@ def test_no_tags_omits_body_part_and_view(tmp_path: Path, strict_reading: None) 
 
 
 def test_implant_options_from_the_command_line(tmp_path: Path) -> None:
-    from train.synth.generate import get_args_parser, options_from_args
+    from train.synth.command import get_args_parser, options_from_args
 
     argv = ["--task", "knee", "--patients", "2", "--out", str(tmp_path / "x")]
     options = options_from_args(get_args_parser().parse_args(argv))
