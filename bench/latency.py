@@ -282,6 +282,10 @@ def node_config(root: Path, node_port: int, http_port: int, orthanc: Orthanc) ->
     config.setdefault("spool", {})["directory"] = str(root / "spool")
     for name, task in config.setdefault("tasks", {}).items():
         task["bundle"] = str((ROOT / task.get("bundle", f"weights/{name}")).resolve())
+    routing = config.setdefault("routing", {})
+    routing["image_check_bundle"] = str(
+        (ROOT / routing.get("image_check_bundle", "weights/image-check")).resolve()
+    )
     config.setdefault("inference", {})["saliency"] = "gradcam"
     return config
 

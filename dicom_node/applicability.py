@@ -174,8 +174,10 @@ def load_image_checker(path: Path, device: torch.device | str = "cpu") -> ImageC
         card = ImageCheckCard.model_validate(json.loads(card_path.read_text()))
     except OSError as error:
         raise BundleError(
-            f"image check bundle {path}: cannot read card.json ({error.strerror}); make one "
-            "with `python -m train image-check`, or set routing.image_check: off"
+            f"image check bundle {path}: cannot read card.json ({error.strerror}); point "
+            "routing.image_check_bundle at the shipped weights/image-check (relative paths are "
+            "read from conf.yaml's folder), make one with `python -m train image-check`, or set "
+            "routing.image_check: off"
         ) from error
     except ValueError as error:
         raise BundleError(f"image check bundle {path}: invalid card.json: {error}") from error

@@ -5,10 +5,12 @@ classifier's pooled features to the nearest class mean under one shared covarian
 are read through the node's own :class:`~dicom_node.infer.Predictor` preparation (display,
 region of interest, normalisation), so what is fitted is what the node scores.
 
-``--data`` is a labelled, in-distribution set the classifier was NOT trained on (a fresh
-phantom set, or the validation patients of a site's data). Its patients are split in two: the
-means and covariance are fitted on one half, and the threshold is the ``--quantile`` of the
-other half's scores, so that about 1 − quantile of in-distribution images are refused.
+``--data`` is one or more labelled, in-distribution sets the classifier was NOT trained on
+(fresh phantom sets, or the validation patients of a site's data), covering every acquisition
+the bundle is meant to read: a threshold fitted on one acquisition refuses the others. Their
+patients are split in two: the means and covariance are fitted on one half, and the threshold
+is the ``--quantile`` of the other half's scores, so that about 1 − quantile of
+in-distribution images are refused.
 ``--negatives`` sets (other metal, native anatomy, other anatomy) are only measured: the share
 above the threshold is reported, never used to choose it. The bundle gets ``ood.pt`` and
 ``card.ood`` (threshold and these validation figures).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +71,20 @@ def _manifest_views(folder: Path, task: str) -> list[RoutedView]:
 def fit_ood(args: argparse.Namespace) -> dict[str, Any]:
     bundle = load_bundle(args.bundle)
     task = bundle.card.task
-    dataset = read_dataset(args.data, classes=[c.name for c in bundle.card.classes])
-    if dataset.task != task:
-        raise ValueError(f"{args.data} is a {dataset.task} set; the bundle is for {task}")
+    names = [c.name for c in bundle.card.classes]
+    sets = [read_dataset(folder, classes=names) for folder in args.data]
+    for folder, part in zip(args.data, sets, strict=True):
+        if part.task != task:
+            raise ValueError(f"{folder} is a {part.task} set; the bundle is for {task}")
+    # Patients of two sets never share an ID (the set's folder qualifies it).
+    dataset = replace(
+        sets[0],
+        samples=tuple(
+            replace(s, patient_id=f"{folder}/{s.patient_id}")
+            for folder, part in zip(args.data, sets, strict=True)
+            for s in part.samples
+        ),
+    )
     patients = sorted({s.patient_id for s in dataset.samples})
     rng = np.random.default_rng(args.seed)
     fit_patients = set(rng.permutation(patients)[: len(patients) // 2])
@@ -87,7 +101,7 @@ def fit_ood(args: argparse.Namespace) -> dict[str, Any]:
     held = model.score(features[~fitting])
     threshold = float(np.quantile(held, args.quantile))
     validation: dict[str, Any] = {
-        "data": str(args.data),
+        "data": [str(folder) for folder in args.data],
         "fitted_images": int(fitting.sum()),
         "threshold_images": int((~fitting).sum()),
         "quantile": args.quantile,
@@ -130,7 +144,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument("--bundle", type=Path, required=True)
     parser.add_argument(
-        "--data", type=Path, required=True, help="labelled in-distribution set (manifest folder)"
+        "--data",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="labelled in-distribution sets (manifest folders): every acquisition the bundle "
+        "is meant to read, never the sets it is evaluated on",
     )
     parser.add_argument(
         "--negatives", type=Path, nargs="*", help="sets to measure (never to choose with)"

@@ -176,6 +176,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Node, Orth
         "assembly": {"stable_after_s": 2},
         # The shipped demo bundles, as conf.yaml names them.
         "tasks": {t: {"bundle": str(ROOT / "weights" / t)} for t in ("knee", "hip", "spine")},
+        "routing": {"image_check_bundle": str(ROOT / "weights" / "image-check")},
         "send": {"backoff_initial_s": 1, "max_attempts": 5},
     }
     try:

@@ -79,10 +79,16 @@ def test_check_config_lists_bundles(tmp_path: Path, capsys: pytest.CaptureFixtur
     conf.write_text(
         "tasks:\n  hip: {bundle: hip}\n  knee: {enabled: false, bundle: x}\n"
         "  spine: {enabled: false, bundle: x}\n"
+        f"routing: {{image_check_bundle: {ROOT / 'weights' / 'image-check'}}}\n"
     )
     assert node_main(["check-config", "--config", str(conf)]) == 0
     out = capsys.readouterr().out
     assert "hip: hip test 9.9" in out and "DEMO WEIGHTS" in out
+    assert "image check (confirm): orthonode image check" in out
+    # Relative paths are read from conf.yaml's folder: a missing image check names the key.
+    conf.write_text(conf.read_text().replace(str(ROOT / "weights"), "nowhere"))
+    assert node_main(["check-config", "--config", str(conf)]) == 2
+    assert "routing.image_check_bundle" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -62,14 +62,13 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "native-knee": make_set(
             root, "nk", task="knee", patients=1, seed=31, implant="none", **size
         ),
-        "plate-hip": make_set(root, "ph", task="hip", patients=1, seed=32, implant="other", **size),
+        "plate-knee": make_set(
+            root, "pk", task="knee", patients=1, seed=32, implant="other", **size
+        ),
         "knee-as-hip": make_set(
             root, "kh", task="knee", patients=1, seed=33, tags_as="hip", **size
         ),
         "hip-untagged": make_set(root, "hu", task="hip", patients=1, seed=34, no_tags=True, **size),
-        "native-spine": make_set(
-            root, "ns", task="spine", patients=1, seed=35, implant="none", **size
-        ),
     }
 
 
@@ -109,9 +108,8 @@ def test_confirm_reports_not_applicable_and_why(
     try:
         cases = {
             "native-knee": ("knee", {"NA-NO-IMPLANT"}),
-            "plate-hip": ("hip", {"NA-NO-IMPLANT", "NA-OOD"}),
+            "plate-knee": ("knee", {"NA-NO-IMPLANT", "NA-OOD"}),
             "knee-as-hip": ("hip", {"NA-ANATOMY"}),
-            "native-spine": ("spine", {"NA-NO-IMPLANT", "NA-ANATOMY", "NA-OOD"}),
         }
         sent = {}
         for name in cases:
