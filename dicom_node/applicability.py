@@ -24,7 +24,6 @@ image-check`` and ``python -m train ood``; :func:`split_logits`, :func:`pooled_f
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from torch import nn
 from dicom_node.domain import ImageCheck, NotApplicable, RoutedView
 from dicom_node.errors import BundleError
 from dicom_node.models.backbones import build_backbone
+from dicom_node.models.bundle import sha256_file
 from dicom_node.models.ood import Mahalanobis, OodSpec, pooled_features
 from dicom_node.preprocess import Preprocessing, build_preprocessing
 from dicom_node.tasks import TaskSpec
@@ -159,14 +159,6 @@ class ImageChecker:
         return best, check.view
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_image_checker(path: Path, device: torch.device | str = "cpu") -> ImageChecker:
     """Load and verify an image check bundle (card.json + model.pt with its sha256)."""
     card_path = path / "card.json"
@@ -182,7 +174,7 @@ def load_image_checker(path: Path, device: torch.device | str = "cpu") -> ImageC
     except ValueError as error:
         raise BundleError(f"image check bundle {path}: invalid card.json: {error}") from error
     weights = path / IMAGE_CHECK_FILE
-    if not weights.is_file() or _sha256(weights) != card.model_sha256:
+    if not weights.is_file() or sha256_file(weights) != card.model_sha256:
         raise BundleError(
             f"image check bundle {path}: {IMAGE_CHECK_FILE} is missing or does not match the "
             "card's sha256 (re-export it with `python -m train image-check`)"

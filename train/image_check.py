@@ -138,6 +138,10 @@ def _card_stub(size: int) -> ImageCheckCard:
     )
 
 
+#: The heads' layout (what split_logits reads); the input size does not matter to it.
+_HEADS = _card_stub(192)
+
+
 def load_inputs(rows: list[CheckRow], size: int, workers: int = 1) -> torch.Tensor:
     """(N, 1, size, size): each image as the node's image check reads it."""
     arguments = [(r.path, size) for r in rows]
@@ -151,7 +155,7 @@ def load_inputs(rows: list[CheckRow], size: int, workers: int = 1) -> torch.Tens
 
 def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of anatomy and view, plus binary cross-entropy of each task's implant."""
-    anatomy, view, implant = split_logits(logits, _card_stub(192))
+    anatomy, view, implant = split_logits(logits, _HEADS)
     ce = nn.functional.cross_entropy
     return (
         ce(anatomy, y[:, 0].long())

@@ -25,12 +25,11 @@ from tests.factories import (
     PIXELMED_SR_VALIDATOR,
     RecordingPacs,
     error_lines,
-    free_port,
     manifest_rows,
     referenced_instances,
     wait_for,
 )
-from tests.net.test_node_service import _codes, _send
+from tests.net.test_node_service import _codes, _node_config, _send
 
 ROOT = Path(__file__).resolve().parents[2]
 NOT_APPLICABLE = ("385432009", "SCT")
@@ -38,20 +37,7 @@ TASKS = {t: {"bundle": str(ROOT / "weights" / t)} for t in ("knee", "hip", "spin
 
 
 def _config(tmp_path: Path, pacs: RecordingPacs, **extra: Any) -> Config:
-    return Config.model_validate(
-        {
-            "node": {"host": "127.0.0.1", "port": free_port(), "http_port": 0},
-            "destinations": [
-                {"name": "pacs", "ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}
-            ],
-            "spool": {"directory": str(tmp_path / "spool"), "min_free_mb": 1},
-            "assembly": {"stable_after_s": 30},
-            "tasks": TASKS,
-            "inference": {"device": "cpu"},
-            "send": {"backoff_initial_s": 0.2, "max_attempts": 3},
-            **extra,
-        }
-    )
+    return Config.model_validate({**_node_config(tmp_path, pacs, TASKS), **extra})
 
 
 @pytest.fixture(scope="module")
