@@ -11,7 +11,13 @@ three questions are asked of each image, in this order:
    the route; ``fallback`` also routes by it when the tags are missing or wrong
    (:meth:`ImageChecker.route`).
 2. **Implant present** — the same network's implant head: the probability that the task's
-   implant is in the image, against a threshold chosen on validation phantoms (card).
+   implant is in the image, against a threshold chosen on validation phantoms (card). A
+   patient either has the implant or not, so in a study with several views of the task's
+   anatomy the views' evidence is also pooled (:func:`study_implant`, the mean log-odds):
+   a view is answered only when both it and the study pass the threshold. An anterior plate
+   that looks a little like pedicle screws on the lateral view is then refused on the
+   strength of the AP view that shows no screw at all; a view with the implant cut off by
+   the collimator does not take the study's other views down with it.
 3. **Out of distribution** — the Mahalanobis distance of the classifier's pooled features to
    the nearest class mean (one shared covariance, Lee et al. 2018), against a threshold chosen
    on in-distribution validation images (the task bundle's ``ood.pt`` and ``card.ood``).
@@ -53,6 +59,7 @@ __all__ = [
     "load_image_checker",
     "pooled_features",
     "split_logits",
+    "study_implant",
 ]
 
 IMAGE_CHECK_FILE = "model.pt"
@@ -191,6 +198,21 @@ def load_image_checker(path: Path, device: torch.device | str = "cpu") -> ImageC
 # -- the decision -------------------------------------------------------------------------------
 
 
+def study_implant(checks: Sequence[ImageCheck], spec: TaskSpec) -> float | None:
+    """The study's probability of the task's implant from all its views of the task's anatomy:
+    the sigmoid of the mean log-odds (each view's evidence counts once). None with fewer than
+    two such views, where the view's own probability is all there is."""
+    probabilities = [
+        c.implant[spec.name]
+        for c in checks
+        if spec.name in c.implant and (spec.anatomy is None or c.anatomy == spec.anatomy)
+    ]
+    if len(probabilities) < 2:
+        return None
+    p = np.clip(np.asarray(probabilities, dtype=np.float64), 1e-6, 1 - 1e-6)
+    return float(1.0 / (1.0 + np.exp(-np.mean(np.log(p / (1 - p))))))
+
+
 def assess(
     view: RoutedView,
     spec: TaskSpec,
@@ -199,12 +221,14 @@ def assess(
     ood_score: float | None,
     ood: OodSpec | None,
     fmt: Callable[[float], str] = lambda x: f"{x:.2f}",
+    study: float | None = None,
 ) -> NotApplicable | None:
     """Why the node must not answer on this routed image, or None when it may.
 
     Asked in order: anatomy, view (the image check confidently shows another one), implant
-    (the task's implant probability below its threshold), out of distribution (the score
-    above the bundle's threshold). A missing check or score skips its question.
+    (the task's implant probability below its threshold, for the image and then for the
+    study's views together, ``study`` from :func:`study_implant`), out of distribution (the
+    score above the bundle's threshold). A missing check or score skips its question.
     """
     if check is not None and card is not None:
         if (
@@ -240,6 +264,16 @@ def assess(
                 f"implant probability {fmt(probability)} < {fmt(threshold)}",
                 check,
                 probability,
+                threshold,
+            )
+        if threshold is not None and study is not None and study < threshold:
+            return NotApplicable(
+                view,
+                "no-implant",
+                f"implant probability of the study's views together {fmt(study)} < "
+                f"{fmt(threshold)} (this view {fmt(probability or 0.0)})",
+                check,
+                study,
                 threshold,
             )
     if ood is not None and ood_score is not None and ood_score > ood.threshold:

@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 import torch
 
-from dicom_node.applicability import ImageChecker, assess
+from dicom_node.applicability import ImageChecker, assess, study_implant
 from dicom_node.domain import (
     Explanation,
     ImageCheck,
@@ -167,8 +167,14 @@ class Predictor:
             bundle = self.bundles[job.task]
             analysed: list[PreparedView] = []
             excluded: list[tuple[PreparedView, NotApplicable]] = []
+            spec = self.specs.get(job.task)
+            study = (
+                study_implant([checks[id(v)] for v in views if id(v) in checks], spec)
+                if spec is not None
+                else None
+            )
             for v in views:
-                verdict = self._assess(v, checks.get(id(v)), scores.get(id(v)))
+                verdict = self._assess(v, checks.get(id(v)), scores.get(id(v)), study)
                 if verdict is None:
                     analysed.append(v)
                 else:
@@ -223,14 +229,18 @@ class Predictor:
         return {id(v): c for v, c in zip(views, checks, strict=True)}
 
     def _assess(
-        self, view: PreparedView, check: ImageCheck | None, score: float | None
+        self,
+        view: PreparedView,
+        check: ImageCheck | None,
+        score: float | None,
+        study: float | None = None,
     ) -> NotApplicable | None:
         spec = self.specs.get(view.view.task)
         if spec is None:
             return None
         card = self.image_checker.card if self.image_checker is not None else None
         ood = self.bundles[view.view.task].card.ood if self.out_of_distribution else None
-        return assess(view.view, spec, check, card, score, ood)
+        return assess(view.view, spec, check, card, score, ood, study=study)
 
     def explain(self, view: PreparedView, target: int) -> Explanation:
         """The saliency heatmap of ``view`` for class ``target``, on the source's grid."""

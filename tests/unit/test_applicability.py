@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.applicability import assess, load_image_checker
+from dicom_node.applicability import assess, load_image_checker, study_implant
 from dicom_node.assemble import Assembler
 from dicom_node.config import load_config
 from dicom_node.domain import ImageCheck, InstanceRef, RoutedView
@@ -60,6 +60,28 @@ def test_assess_asks_anatomy_then_view_then_implant_then_ood(card_dir: Path) -> 
     # Without a check only the score is asked; without either, nothing.
     assert assess(VIEW, KNEE, None, None, 11.0, ood) is not None
     assert assess(VIEW, KNEE, None, None, None, None) is None
+
+
+def test_the_study_pools_its_views_implant_evidence(card_dir: Path) -> None:
+    """An anterior plate that half-looks like the implant on one view (0.6) is refused when
+    the study's other view shows none at all (0.001); a view with the implant cut off (0.02)
+    does not take down a study whose other view clearly shows it (0.999)."""
+    card = load_image_checker(card_dir).card
+    plate = [check(implant=0.001), check(view="LAT", implant=0.6)]
+    pooled = study_implant(plate, KNEE)
+    assert pooled is not None and pooled < 0.05
+    lateral = RoutedView(VIEW.instance, "knee", "LAT")
+    verdict = assess(lateral, KNEE, plate[1], card, None, None, study=pooled)
+    assert verdict is not None and verdict.reason == "no-implant"
+    assert "study's views together" in verdict.detail and "this view 0.60" in verdict.detail
+    assert verdict.score == pooled
+    cut = [check(implant=0.999), check(view="LAT", implant=0.02)]
+    pooled = study_implant(cut, KNEE)
+    assert pooled is not None and pooled > 0.5
+    assert assess(VIEW, KNEE, cut[0], card, None, None, study=pooled) is None
+    # One view, or views of another anatomy: nothing to pool.
+    assert study_implant(plate[:1], KNEE) is None
+    assert study_implant([check(implant=0.9), check(anatomy="hip", implant=0.0)], KNEE) is None
 
 
 def test_an_unsure_image_check_does_not_contradict_the_tags(card_dir: Path) -> None:
