@@ -16,6 +16,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.config import Config, load_config, parse_ae_address
 from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.tls import client_context, server_context
 
 __all__ = ["main"]
 
@@ -84,8 +85,14 @@ def _check_config(args: argparse.Namespace) -> int:
     from dicom_node.models.bundle import load_bundles
 
     config = _config(args)
+    if config.node.tls is not None:
+        server_context(config.node.tls)  # the certificate and key load, or ConfigError
+    for destination in config.destinations:
+        if destination.tls is not None:
+            client_context(destination.tls, f"destination {destination.key}")
+    tls = " (DICOM TLS)" if config.node.tls is not None else ""
     sys.stdout.write(
-        f"configuration OK: AE title {config.node.ae_title}, port {config.node.port}, "
+        f"configuration OK: AE title {config.node.ae_title}, port {config.node.port}{tls}, "
         f"{len(config.peers) or 'any'} peer(s), {len(config.destinations)} destination(s), "
         f"spool {config.spool.directory}\n"
     )

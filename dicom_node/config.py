@@ -34,6 +34,7 @@ __all__ = [
     "SendConfig",
     "SpoolConfig",
     "TaskConfig",
+    "TlsConfig",
     "load_config",
     "parse_ae_address",
 ]
@@ -65,6 +66,48 @@ class PeerConfig(_Model):
     _ae = field_validator("ae_title")(_check_ae_title)
 
 
+class TlsConfig(_Model):
+    """DICOM TLS (PS3.15 B.1, the BCP 195 profiles: TLS 1.2 or later) for the node or a
+    destination. Certificates and keys are read from files; nothing secret is in conf.yaml."""
+
+    certificate: Path | None = Field(
+        default=None, description="PEM certificate chain (the node's; a client's for mutual TLS)"
+    )
+    private_key: Path | None = Field(default=None, description="PEM private key, unencrypted")
+    ca_certificates: Path | None = Field(
+        default=None,
+        description="PEM CA bundle: node, the CAs of client certificates it accepts; "
+        "destination, the CAs it trusts (default: the system's)",
+    )
+    require_client_certificate: bool = Field(
+        default=False, description="node only: refuse peers without a certificate from the CAs"
+    )
+    server_name: str | None = Field(
+        default=None,
+        description="destination only: the name its certificate must carry (default: host)",
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("give certificate and private_key together")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("require_client_certificate needs ca_certificates")
+        return self
+
+    def resolved(self, root: Path) -> TlsConfig:
+        def absolute(p: Path | None) -> Path | None:
+            return p if p is None or p.is_absolute() else root / p
+
+        return self.model_copy(
+            update={
+                "certificate": absolute(self.certificate),
+                "private_key": absolute(self.private_key),
+                "ca_certificates": absolute(self.ca_certificates),
+            }
+        )
+
+
 class DestinationConfig(_Model):
     """Where results are sent (C-STORE SCU)."""
 
@@ -72,8 +115,15 @@ class DestinationConfig(_Model):
     ae_title: str = Field(description="the destination's AE title (the PACS)")
     host: str = Field(description="its host name or address")
     port: int = Field(default=104, ge=1, le=65535, description="its DICOM port")
+    tls: TlsConfig | None = Field(default=None, description="send over DICOM TLS")
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _tls_is_a_client(self) -> DestinationConfig:
+        if self.tls is not None and self.tls.require_client_certificate:
+            raise ValueError("tls.require_client_certificate is a node setting")
+        return self
 
     @property
     def key(self) -> str:
@@ -91,10 +141,38 @@ class NodeConfig(_Model):
     max_pdu: int = Field(default=131072, ge=0, description="maximum PDU size; 0 = unlimited")
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=30.0, gt=0)
-    network_timeout_s: float = Field(default=60.0, gt=0)
+    network_timeout_s: float = Field(
+        default=60.0, gt=0, description="idle association, and the most one PDU may take"
+    )
+    pre_association_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="a connection must send its A-ASSOCIATE-RQ (after TLS) within this",
+    )
+    max_pending_connections: int = Field(
+        default=128, ge=1, description="connections waiting for their A-ASSOCIATE-RQ, in all"
+    )
+    max_pending_per_host: int = Field(
+        default=16, ge=1, description="connections waiting for their A-ASSOCIATE-RQ, per host"
+    )
+    max_associations_per_host: int = Field(
+        default=6,
+        ge=1,
+        description="associations one host may hold (at most max_associations); the next is "
+        "rejected as transient, local limit exceeded",
+    )
     http_port: int = Field(default=8080, ge=0, le=65535, description="status/metrics port")
+    tls: TlsConfig | None = Field(
+        default=None, description="listen with DICOM TLS only (certificate and private_key)"
+    )
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @model_validator(mode="after")
+    def _tls_has_a_certificate(self) -> NodeConfig:
+        if self.tls is not None and self.tls.certificate is None:
+            raise ValueError("tls: the node needs a certificate and private_key")
+        return self
 
 
 class SpoolConfig(_Model):
@@ -337,7 +415,22 @@ def _resolve(config: Config, root: Path) -> Config:
     routing = config.routing.model_copy(
         update={"image_check_bundle": absolute(config.routing.image_check_bundle)}
     )
-    return config.model_copy(update={"tasks": tasks, "spool": spool, "routing": routing})
+    node = config.node
+    if node.tls is not None:
+        node = node.model_copy(update={"tls": node.tls.resolved(root)})
+    destinations = [
+        d if d.tls is None else d.model_copy(update={"tls": d.tls.resolved(root)})
+        for d in config.destinations
+    ]
+    return config.model_copy(
+        update={
+            "tasks": tasks,
+            "spool": spool,
+            "routing": routing,
+            "node": node,
+            "destinations": destinations,
+        }
+    )
 
 
 def parse_ae_address(text: str) -> DestinationConfig:

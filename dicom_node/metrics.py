@@ -52,6 +52,20 @@ class Metrics:
             ["task", "reason"],
             registry=self.registry,
         )
+        self.associations = Counter(
+            "orthonode_associations",
+            "Association requests by result (accepted, rejected) and reason of a rejection",
+            ["result", "reason"],
+            registry=self.registry,
+        )
+        self.dropped = Counter(
+            "orthonode_connections_dropped",
+            "Connections dropped before or during an association by the network guard: "
+            "timeout, closed-before-request, too-many-pending, oversized-pdu, "
+            "not-associate-rq, tls-failed, tls-timeout",
+            ["reason"],
+            registry=self.registry,
+        )
         self.latency = Histogram(
             "orthonode_study_seconds",
             "Claimed → outputs queued, per study (inference, saliency, encoding)",

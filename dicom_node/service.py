@@ -117,7 +117,14 @@ class Service:
             clock=self.clock,
         )
         self.scp = StorageScp(
-            config.node, self.spool, peers=config.peers, on_stored=self._on_stored
+            config.node,
+            self.spool,
+            peers=config.peers,
+            on_stored=self._on_stored,
+            on_association=lambda result, reason: metrics.associations.labels(
+                result=result, reason=reason
+            ).inc(),
+            on_dropped=lambda reason: metrics.dropped.labels(reason=reason).inc(),
         )
         self.scp.start()
         if config.node.http_port:

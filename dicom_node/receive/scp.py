@@ -3,7 +3,10 @@
 Only projection radiography is accepted (CR, DX, MG, IO, for presentation and for processing)
 in the transfer syntaxes the preprocessing can decode; anything else is refused while the
 presentation contexts are negotiated. When peers are configured, associations from unknown
-calling AE titles or hosts are rejected before negotiation.
+calling AE titles or hosts are rejected before negotiation. Connections pass the
+pre-association gate of :mod:`dicom_node.receive.guard` first (TLS handshake, A-ASSOCIATE-RQ
+within a short timeout, PDU lengths and deadlines), and one host may hold at most
+``max_associations_per_host`` associations.
 
 The C-STORE handler validates the data set and hands the encoded file to the sink, which
 stores it durably before the success status goes back. Storage errors become DICOM status
@@ -50,10 +53,11 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.config import NodeConfig, PeerConfig
 from dicom_node.errors import StorageFullError, StoreError
+from dicom_node.receive.guard import GateSettings, GuardedServer, start_guarded_server
+from dicom_node.tls import server_context
 
 __all__ = [
     "STORAGE_SOP_CLASSES",
@@ -98,9 +102,13 @@ _SOP_CLASS_MISMATCH = 0xA900
 _CANNOT_UNDERSTAND = 0xC210
 _UNABLE_TO_PROCESS = 0xC211
 
-# A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-permanent by the service user.
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-permanent by the service user; rejected-transient
+# by the service provider (presentation related function), local limit exceeded.
 _REJECTED_PERMANENT = 0x01
+_REJECTED_TRANSIENT = 0x02
 _SERVICE_USER = 0x01
+_SERVICE_PROVIDER_PRESENTATION = 0x03
+_LOCAL_LIMIT_EXCEEDED = 0x02
 _CALLING_AE_NOT_RECOGNISED = 0x03
 _CALLED_AE_NOT_RECOGNISED = 0x07
 
@@ -146,6 +154,12 @@ class StorageScp:
         ``on_stored(study_instance_uid, sop_instance_uid)``, called after each instance stored
         for the first time (not for duplicates). Its errors are logged, never returned to the
         sender: the instance is already stored.
+    on_association : callable, optional
+        ``on_association(result, reason)`` per association request: ``("accepted", "")`` or
+        ``("rejected", reason)`` (for the metrics).
+    on_dropped : callable, optional
+        ``on_dropped(reason)`` per connection dropped by the gate or aborted by the guarded
+        DUL (timeout, oversized-pdu, tls-failed, too-many-pending, ...).
     """
 
     def __init__(
@@ -155,14 +169,18 @@ class StorageScp:
         *,
         peers: Sequence[PeerConfig] = (),
         on_stored: Callable[[str, str], None] | None = None,
+        on_association: Callable[[str, str], None] | None = None,
+        on_dropped: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
         self.peers = tuple(peers)
         self._sink = sink
         self._on_stored = on_stored
+        self._on_association = on_association or (lambda result, reason: None)
+        self._on_dropped = on_dropped or (lambda reason: None)
         self._lock = threading.Lock()
         self._ae: AE | None = None
-        self._server: ThreadedAssociationServer | None = None
+        self._server: GuardedServer | None = None
         self._bound_port: int | None = None
         # AE title -> allowed addresses per listed peer (None: any address)
         self._allowed: dict[str, list[frozenset[str] | None]] = {}
@@ -202,17 +220,23 @@ class StorageScp:
                 (evt.EVT_ACCEPTED, self._handle_accepted),
                 (evt.EVT_C_STORE, self._handle_store),
             ]
-            server = ae.start_server(
-                (settings.host, settings.port), block=False, evt_handlers=handlers
+            gate = GateSettings(
+                pre_association_timeout=settings.pre_association_timeout_s,
+                max_pending=settings.max_pending_connections,
+                max_pending_per_host=settings.max_pending_per_host,
+                network_timeout=settings.network_timeout_s,
+                tls=server_context(settings.tls) if settings.tls is not None else None,
+                on_dropped=self._on_dropped,
             )
-            assert server is not None  # block=False always returns the server
+            server = start_guarded_server(ae, (settings.host, settings.port), gate, handlers)
             self._ae, self._server = ae, server
             self._bound_port = int(server.server_address[1])
         log.info(
-            "storage SCP %s listening on %s:%d (%d peer(s) allowed%s)",
+            "storage SCP %s listening on %s:%d%s (%d peer(s) allowed%s)",
             settings.ae_title,
             settings.host,
             self.port,
+            " with DICOM TLS" if settings.tls is not None else "",
             len(self.peers),
             "" if self.peers else ": any calling AE",
         )
@@ -248,8 +272,11 @@ class StorageScp:
         address = assoc.requestor.address
         problem = self._rejection(calling, called, address)
         if problem is None:
+            problem = self._over_host_limit(address)
+        if problem is None:
             return
-        diagnostic, reason = problem
+        result, source, diagnostic, reason = problem
+        self._on_association("rejected", reason)
         log.warning(
             "rejected association from %s at %s to %s: %s",
             calling,
@@ -258,29 +285,59 @@ class StorageScp:
             reason,
             extra={"calling_ae_title": calling, "called_ae_title": called},
         )
-        assoc.acse.send_reject(_REJECTED_PERMANENT, _SERVICE_USER, diagnostic)
+        assoc.acse.send_reject(result, source, diagnostic)
         # As pynetdicom does after its own rejections: wait until the reject is sent and the
         # peer has closed (bounded by the ARTIM timer) before the socket is shut down.
         assoc.kill()
 
-    def _rejection(self, calling: str, called: str, address: str) -> tuple[int, str] | None:
-        """(diagnostic, reason) when an association must be rejected, else None."""
+    def _rejection(
+        self, calling: str, called: str, address: str
+    ) -> tuple[int, int, int, str] | None:
+        """(result, source, diagnostic, reason) when an association must be rejected."""
+        user = (_REJECTED_PERMANENT, _SERVICE_USER)
         if called != self.settings.ae_title.strip():
-            return _CALLED_AE_NOT_RECOGNISED, "called AE title not recognised"
+            return (*user, _CALLED_AE_NOT_RECOGNISED, "called AE title not recognised")
         if not self._allowed:
             return None
         hosts = self._allowed.get(calling)
         if hosts is None:
-            return _CALLING_AE_NOT_RECOGNISED, "calling AE title not recognised"
+            return (*user, _CALLING_AE_NOT_RECOGNISED, "calling AE title not recognised")
         normalised = _normalise_address(address)
         if any(allowed is None or normalised in allowed for allowed in hosts):
             return None
-        return _CALLING_AE_NOT_RECOGNISED, "calling AE title not allowed from this host"
+        return (*user, _CALLING_AE_NOT_RECOGNISED, "calling AE title not allowed from this host")
+
+    def _over_host_limit(self, address: str) -> tuple[int, int, int, str] | None:
+        """Transient rejection when this host already holds its share of associations."""
+        server = self._server
+        if server is None:
+            return None
+        limit = min(self.settings.max_associations_per_host, self.settings.max_associations)
+        # Established or negotiating associations of this host, this one included.
+        held = sum(
+            1
+            for a in server.active_associations
+            if _normalise_address(a.requestor.address) == _normalise_address(address)
+        )
+        if held <= limit:
+            return None
+        return (
+            _REJECTED_TRANSIENT,
+            _SERVICE_PROVIDER_PRESENTATION,
+            _LOCAL_LIMIT_EXCEEDED,
+            f"host holds {held - 1} association(s), its limit is {limit}",
+        )
 
     def _handle_rejected(self, event: Event) -> None:
         # Rejections decided by pynetdicom itself (e.g. too many associations).
         answer = _primitive(event.assoc.acceptor.primitive)
         request = _primitive(event.assoc.requestor.primitive)
+        limit = (answer.result, answer.result_source, answer.diagnostic) == (
+            _REJECTED_TRANSIENT,
+            _SERVICE_PROVIDER_PRESENTATION,
+            _LOCAL_LIMIT_EXCEEDED,
+        )
+        self._on_association("rejected", "local limit exceeded" if limit else "negotiation")
         log.warning(
             "rejected association from %s at %s: result 0x%02X, source 0x%02X, reason 0x%02X",
             str(request.calling_ae_title).strip(),
@@ -291,6 +348,7 @@ class StorageScp:
         )
 
     def _handle_accepted(self, event: Event) -> None:
+        self._on_association("accepted", "")
         calling = event.assoc.requestor.ae_title
         rejected = event.assoc.rejected_contexts
         # SCUs such as storescu propose every storage class: only refusals of the classes we

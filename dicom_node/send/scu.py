@@ -20,6 +20,7 @@ from pynetdicom import AE, _config, build_context
 from dicom_node.config import DestinationConfig, SendConfig
 from dicom_node.errors import SendError
 from dicom_node.store import OutboxItem, Spool
+from dicom_node.tls import client_context
 
 __all__ = ["Sender", "backoff_delay", "send_files"]
 
@@ -57,7 +58,13 @@ def send_files(
     for sop_class, syntax in sorted(contexts):
         ae.requested_contexts.append(build_context(sop_class, [syntax]))
     results: dict[Path, str | None] = {}
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    tls_args = None
+    if destination.tls is not None:
+        context = client_context(destination.tls, f"destination {destination.key}")
+        tls_args = (context, destination.tls.server_name or destination.host)
+    assoc = ae.associate(
+        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
+    )
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
         return {path: f"association with {destination.ae_title} {reason}" for path in paths}

@@ -120,6 +120,8 @@ def test_confirm_reports_not_applicable_and_why(
         metrics = generate_latest(service.metrics.registry).decode()
         assert 'orthonode_not_applicable_total{reason="no-implant",task="knee"}' in metrics
         assert 'orthonode_not_applicable_total{reason="anatomy",task="hip"}' in metrics
+        accepted = service.metrics.associations.labels(result="accepted", reason="")
+        assert accepted._value.get() >= len(cases)
     finally:
         service.stop()
 
