@@ -18,12 +18,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pydicom
-from prometheus_client import start_http_server
 
 from dicom_node.applicability import ImageChecker, load_image_checker
 from dicom_node.assemble import Assembler
 from dicom_node.config import Config
 from dicom_node.domain import InstanceRef
+from dicom_node.http import HttpEndpoint, make_app
 from dicom_node.infer import Predictor, select_device
 from dicom_node.metrics import Metrics
 from dicom_node.models.bundle import load_bundles
@@ -127,9 +127,10 @@ class Service:
             on_dropped=lambda reason: metrics.dropped.labels(reason=reason).inc(),
         )
         self.scp.start()
+        self.http: HttpEndpoint | None = None
         if config.node.http_port:
-            start_http_server(
-                config.node.http_port, addr=config.node.host, registry=metrics.registry
+            self.http = HttpEndpoint(
+                config.node.host, config.node.http_port, make_app(metrics.registry, self.checks)
             )
         for name, step in (
             ("assembler", self._assemble_step),
@@ -151,6 +152,18 @@ class Service:
             ", ".join(f"{t} ({b.card.version})" for t, b in bundles.items()),
             device,
         )
+
+    def checks(self) -> dict[str, list[str]]:
+        """What /readyz reports: problems per part (empty lists: ready)."""
+        listening = hasattr(self, "scp") and self.scp._server is not None
+        stopped = [t.name for t in self._threads if not t.is_alive()]
+        return {
+            "models": [] if hasattr(self, "pipeline") else ["not loaded"],
+            "dicom": [] if listening else ["the DICOM listener is not running"],
+            "workers": [f"{name} is not running" for name in stopped]
+            + (["stopping"] if self._stop.is_set() else []),
+            "spool": self.spool.health() if hasattr(self, "spool") else ["not open"],
+        }
 
     @staticmethod
     def _image_route(
@@ -229,6 +242,8 @@ class Service:
             event.set()
         if hasattr(self, "scp"):
             self.scp.stop()
+        if getattr(self, "http", None) is not None:
+            self.http.stop()  # type: ignore[union-attr]
         for thread in self._threads:
             thread.join(timeout=30)
         if hasattr(self, "sender"):

@@ -164,6 +164,32 @@ class Spool:
                 raise
             self._db.execute("COMMIT")
 
+    def health(self) -> list[str]:
+        """What stops the spool from taking instances now (empty: nothing): free space
+        below the reserve, a folder that cannot be written, an index that cannot be read."""
+        problems = []
+        try:
+            free = shutil.disk_usage(self.root).free
+            if free < self.min_free_bytes:
+                problems.append(
+                    f"disk: {free // 2**20} MiB free, below the {self.min_free_bytes // 2**20} "
+                    "MiB reserve (spool.min_free_mb)"
+                )
+        except OSError as error:
+            problems.append(f"disk: cannot check free space ({error.strerror})")
+        probe = self.instances_dir / ".readyz"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            problems.append(f"spool: {self.instances_dir} is not writable ({error.strerror})")
+        try:
+            with self._lock:
+                self._db.execute("SELECT 1 FROM instances LIMIT 1").fetchall()
+        except sqlite3.Error as error:
+            problems.append(f"spool: the index cannot be read ({error})")
+        return problems
+
     # -- ingress ----------------------------------------------------------------------------
     def path_for(self, sop_instance_uid: str) -> Path:
         """Where an instance lives; the UID is validated, so it cannot escape the spool."""
