@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+from dicom_node.audit import open_audit
 from dicom_node.config import Config, load_config, parse_ae_address
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.tls import client_context, server_context
@@ -154,11 +155,15 @@ def _send(args: argparse.Namespace) -> int:
     if not args.retry_dead:
         sys.stderr.write("send: nothing to do; use --retry-dead\n")
         return 2
-    spool = Spool(_config(args).spool.directory)
+    config = _config(args)
+    spool = Spool(config.spool.directory)
+    audit = open_audit(config)
     try:
         count = spool.retry_dead()
+        audit.record("replay", count=count)
     finally:
         spool.close()
+        audit.close()
     sys.stdout.write(f"{count} dead letter(s) queued again\n")
     return 0
 

@@ -25,6 +25,7 @@ from dicom_node.tasks import TASK_NAME_PATTERN, TaskSpec, builtin_tasks, parse_s
 
 __all__ = [
     "AssemblyConfig",
+    "AuditConfig",
     "Config",
     "DestinationConfig",
     "InferenceConfig",
@@ -269,6 +270,17 @@ class SendConfig(_Model):
     backoff_max_s: float = Field(default=600.0, gt=0)
 
 
+class AuditConfig(_Model):
+    """The audit trail (dicom_node/audit.py): JSON lines, rotated, UIDs only."""
+
+    enabled: bool = True
+    file: Path | None = Field(
+        default=None, description="default: audit.jsonl in the spool directory"
+    )
+    max_mb: int = Field(default=100, ge=1, description="rotate at this size")
+    backups: int = Field(default=10, ge=1, description="rotated files kept")
+
+
 def _default_tasks() -> dict[str, TaskConfig]:
     return {
         name: TaskConfig(bundle=Path("weights") / name, spec=spec)
@@ -306,6 +318,7 @@ class Config(BaseSettings):
     outputs: OutputsConfig = Field(default_factory=OutputsConfig)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     send: SendConfig = Field(default_factory=SendConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -422,8 +435,12 @@ def _resolve(config: Config, root: Path) -> Config:
         d if d.tls is None else d.model_copy(update={"tls": d.tls.resolved(root)})
         for d in config.destinations
     ]
+    audit = config.audit.model_copy(
+        update={"file": absolute(config.audit.file or spool.directory / "audit.jsonl")}
+    )
     return config.model_copy(
         update={
+            "audit": audit,
             "tasks": tasks,
             "spool": spool,
             "routing": routing,

@@ -21,6 +21,7 @@ import pydicom
 
 from dicom_node.applicability import ImageChecker, load_image_checker
 from dicom_node.assemble import Assembler
+from dicom_node.audit import open_audit, record_start
 from dicom_node.config import Config
 from dicom_node.domain import InstanceRef
 from dicom_node.http import HttpEndpoint, make_app
@@ -66,6 +67,7 @@ class Service:
         if config.routing.image_check != "off":
             image_checker = load_image_checker(config.routing.image_check_bundle, device)
         self.metrics = metrics = Metrics()
+        self.audit = open_audit(config)
         self.spool = Spool(
             config.spool.directory,
             min_free_bytes=config.spool.min_free_mb * 2**20,
@@ -115,6 +117,7 @@ class Service:
             config.node.ae_title,
             observe=metrics.observe,
             clock=self.clock,
+            audit=self.audit,
         )
         self.scp = StorageScp(
             config.node,
@@ -125,6 +128,7 @@ class Service:
                 result=result, reason=reason
             ).inc(),
             on_dropped=lambda reason: metrics.dropped.labels(reason=reason).inc(),
+            audit=self.audit,
         )
         self.scp.start()
         self.http: HttpEndpoint | None = None
@@ -145,6 +149,7 @@ class Service:
         # Whatever the last run left (unrouted instances, ready studies, due sends) starts now.
         for event in (self._assemble, self._infer, self._send):
             event.set()
+        record_start(self.audit, config, bundles, image_checker)
         log.info(
             "orthonode listening as %s on port %d; tasks %s on %s",
             config.node.ae_title,
@@ -250,6 +255,9 @@ class Service:
             self.sender.close()
         if hasattr(self, "spool"):
             self.spool.close()
+        if hasattr(self, "audit"):
+            self.audit.record("stop")
+            self.audit.close()
         log.info("orthonode stopped")
 
     def wait(self) -> None:

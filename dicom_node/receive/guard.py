@@ -99,14 +99,15 @@ class GateSettings:
         max_pending_per_host: int = 16,
         network_timeout: float | None = 60.0,
         tls: ssl.SSLContext | None = None,
-        on_dropped: Callable[[str], None] | None = None,
+        on_dropped: Callable[[str, str], None] | None = None,
     ) -> None:
         self.pre_association_timeout = pre_association_timeout
         self.max_pending = max_pending
         self.max_pending_per_host = max_pending_per_host
         self.network_timeout = network_timeout
         self.tls = tls
-        self.on_dropped = on_dropped or (lambda reason: None)
+        # on_dropped(reason, address): for the metrics and the audit trail.
+        self.on_dropped = on_dropped or (lambda reason, address: None)
 
 
 class _Dropped(Exception):
@@ -155,11 +156,11 @@ class GuardedDUL(DULServiceProvider):
         self,
         assoc: Association,
         first: bytes | None = None,
-        on_dropped: Callable[[str], None] | None = None,
+        on_dropped: Callable[[str, str], None] | None = None,
     ) -> None:
         super().__init__(assoc)
         self._first = first
-        self.on_dropped = on_dropped or (lambda reason: None)
+        self.on_dropped = on_dropped or (lambda reason, address: None)
 
     def _limit(self, pdu_type: int) -> int:
         """The largest variable field (the PDU length) we read for a PDU type."""
@@ -210,7 +211,7 @@ class GuardedDUL(DULServiceProvider):
             else:
                 log.warning("association with %s aborted: %s", address, dropped)
                 self._abort(raw)
-                self.on_dropped(dropped.reason)
+                self.on_dropped(dropped.reason, str(address))
             sock.close()  # Evt17: the state machine ends the association
             return
         finally:
@@ -244,7 +245,7 @@ class GuardedAssociation(Association):
     """An acceptor whose DUL is a :class:`GuardedDUL` fed with the gate's A-ASSOCIATE-RQ."""
 
     def __init__(
-        self, ae: ApplicationEntity, first: bytes, on_dropped: Callable[[str], None]
+        self, ae: ApplicationEntity, first: bytes, on_dropped: Callable[[str, str], None]
     ) -> None:
         super().__init__(ae, "acceptor")
         self.dul = GuardedDUL(self, first, on_dropped)
@@ -331,7 +332,7 @@ class GuardedServer(ThreadedAssociationServer):
                 admitted = True
         if not admitted:
             log.warning("connection from %s closed at once: %s pending slots taken", host, busy)
-            self.gate.on_dropped("too-many-pending")
+            self.gate.on_dropped("too-many-pending", host)
             self.shutdown_request(request)
             return
         thread = threading.Thread(
@@ -375,7 +376,8 @@ class GuardedServer(ThreadedAssociationServer):
                 (log.info if quiet else log.warning)(
                     "connection from %s dropped before association: %s", host, dropped
                 )
-                self.gate.on_dropped("closed-before-request" if quiet else str(dropped.reason))
+                reason = "closed-before-request" if quiet else str(dropped.reason)
+                self.gate.on_dropped(reason, host)
                 self.shutdown_request(sock)
                 return
         finally:

@@ -50,10 +50,11 @@ from pydicom.uid import (
 from pydicom.uid import (
     JPEGLossless as JPEGLosslessProcess14,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 
+from dicom_node.audit import Audit, NullAudit
 from dicom_node.config import NodeConfig, PeerConfig
 from dicom_node.errors import StorageFullError, StoreError
 from dicom_node.receive.guard import GateSettings, GuardedServer, start_guarded_server
@@ -116,6 +117,10 @@ _VERIFICATION = "1.2.840.10008.1.1"
 
 _IDENTIFYING_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
+# pynetdicom logs query identifiers (patient names and IDs) at DEBUG unless told not to.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
 
 class InstanceSink(Protocol):
     """Where received instances go (the spool)."""
@@ -160,6 +165,9 @@ class StorageScp:
     on_dropped : callable, optional
         ``on_dropped(reason)`` per connection dropped by the gate or aborted by the guarded
         DUL (timeout, oversized-pdu, tls-failed, too-many-pending, ...).
+    audit : Audit, optional
+        The audit trail (:mod:`dicom_node.audit`): associations, dropped connections,
+        instances stored and refused.
     """
 
     def __init__(
@@ -171,6 +179,7 @@ class StorageScp:
         on_stored: Callable[[str, str], None] | None = None,
         on_association: Callable[[str, str], None] | None = None,
         on_dropped: Callable[[str], None] | None = None,
+        audit: Audit | None = None,
     ) -> None:
         self.settings = settings
         self.peers = tuple(peers)
@@ -178,6 +187,7 @@ class StorageScp:
         self._on_stored = on_stored
         self._on_association = on_association or (lambda result, reason: None)
         self._on_dropped = on_dropped or (lambda reason: None)
+        self._audit: Audit = audit or NullAudit()
         self._lock = threading.Lock()
         self._ae: AE | None = None
         self._server: GuardedServer | None = None
@@ -226,7 +236,7 @@ class StorageScp:
                 max_pending_per_host=settings.max_pending_per_host,
                 network_timeout=settings.network_timeout_s,
                 tls=server_context(settings.tls) if settings.tls is not None else None,
-                on_dropped=self._on_dropped,
+                on_dropped=self._dropped,
             )
             server = start_guarded_server(ae, (settings.host, settings.port), gate, handlers)
             self._ae, self._server = ae, server
@@ -264,6 +274,22 @@ class StorageScp:
 
     # -- association negotiation -------------------------------------------------------------
 
+    def _dropped(self, reason: str, address: str) -> None:
+        self._on_dropped(reason)
+        self._audit.record("connection-dropped", reason=reason, address=address)
+
+    def _refused(self, event: Event, status: int, reason: str, **uids: str) -> int:
+        """Audit a C-STORE answered with a failure status, and return the status."""
+        self._audit.record(
+            "instance-refused",
+            status=f"0x{status:04X}",
+            reason=reason,
+            calling_ae=str(event.assoc.requestor.ae_title).strip(),
+            address=event.assoc.requestor.address,
+            **uids,
+        )
+        return status
+
     def _handle_requested(self, event: Event) -> None:
         assoc = event.assoc
         request = _primitive(assoc.requestor.primitive)
@@ -277,6 +303,14 @@ class StorageScp:
             return
         result, source, diagnostic, reason = problem
         self._on_association("rejected", reason)
+        self._audit.record(
+            "association",
+            result="rejected",
+            reason=reason,
+            calling_ae=calling,
+            called_ae=called,
+            address=address,
+        )
         log.warning(
             "rejected association from %s at %s to %s: %s",
             calling,
@@ -337,7 +371,16 @@ class StorageScp:
             _SERVICE_PROVIDER_PRESENTATION,
             _LOCAL_LIMIT_EXCEEDED,
         )
-        self._on_association("rejected", "local limit exceeded" if limit else "negotiation")
+        reason = "local limit exceeded" if limit else "negotiation"
+        self._on_association("rejected", reason)
+        self._audit.record(
+            "association",
+            result="rejected",
+            reason=reason,
+            calling_ae=str(request.calling_ae_title).strip(),
+            called_ae=str(request.called_ae_title).strip(),
+            address=event.assoc.requestor.address,
+        )
         log.warning(
             "rejected association from %s at %s: result 0x%02X, source 0x%02X, reason 0x%02X",
             str(request.calling_ae_title).strip(),
@@ -350,6 +393,14 @@ class StorageScp:
     def _handle_accepted(self, event: Event) -> None:
         self._on_association("accepted", "")
         calling = event.assoc.requestor.ae_title
+        self._audit.record(
+            "association",
+            result="accepted",
+            calling_ae=str(calling).strip(),
+            called_ae=str(event.assoc.acceptor.ae_title).strip(),
+            address=event.assoc.requestor.address,
+            tls=self.settings.tls is not None,
+        )
         rejected = event.assoc.rejected_contexts
         # SCUs such as storescu propose every storage class: only refusals of the classes we
         # store (a transfer syntax we cannot read) deserve a line each.
@@ -387,7 +438,9 @@ class StorageScp:
                 type(error).__name__,
                 _CANNOT_UNDERSTAND,
             )
-            return _CANNOT_UNDERSTAND
+            return self._refused(
+                event, _CANNOT_UNDERSTAND, "undecodable", affected_sop_instance_uid=affected
+            )
 
         abstract_syntax = str(event.context.abstract_syntax)
         if sop_class_uid != abstract_syntax:
@@ -400,7 +453,13 @@ class StorageScp:
                 abstract_syntax,
                 _SOP_CLASS_MISMATCH,
             )
-            return _SOP_CLASS_MISMATCH
+            return self._refused(
+                event,
+                _SOP_CLASS_MISMATCH,
+                "SOP class does not match the context",
+                affected_sop_instance_uid=affected,
+                sop_class_uid=sop_class_uid,
+            )
 
         invalid = [keyword for keyword, uid in uids.items() if not uid or not UID(uid).is_valid]
         if invalid:
@@ -411,7 +470,12 @@ class StorageScp:
                 ", ".join(f"{keyword} {uids[keyword]!r}" for keyword in invalid),
                 _CANNOT_UNDERSTAND,
             )
-            return _CANNOT_UNDERSTAND
+            return self._refused(
+                event,
+                _CANNOT_UNDERSTAND,
+                "missing or invalid UIDs",
+                affected_sop_instance_uid=affected,
+            )
 
         sop_instance_uid = uids["SOPInstanceUID"]
         study_instance_uid = uids["StudyInstanceUID"]
@@ -440,7 +504,13 @@ class StorageScp:
                 _OUT_OF_RESOURCES,
                 extra=context,
             )
-            return _OUT_OF_RESOURCES
+            return self._refused(
+                event,
+                _OUT_OF_RESOURCES,
+                kind,
+                sop_instance_uid=sop_instance_uid,
+                study_instance_uid=study_instance_uid,
+            )
         except Exception:
             log.exception(
                 "C-STORE %s from %s: unexpected sink error; answering 0x%04X",
@@ -449,8 +519,23 @@ class StorageScp:
                 _UNABLE_TO_PROCESS,
                 extra=context,
             )
-            return _UNABLE_TO_PROCESS
+            return self._refused(
+                event,
+                _UNABLE_TO_PROCESS,
+                "store failed",
+                sop_instance_uid=sop_instance_uid,
+                study_instance_uid=study_instance_uid,
+            )
 
+        self._audit.record(
+            "instance-stored",
+            sop_instance_uid=sop_instance_uid,
+            study_instance_uid=study_instance_uid,
+            sop_class_uid=sop_class_uid,
+            calling_ae=str(calling).strip(),
+            address=event.assoc.requestor.address,
+            duplicate=not is_new,
+        )
         if not is_new:
             log.info("C-STORE %s from %s: already stored", sop_instance_uid, calling, extra=context)
             return _SUCCESS

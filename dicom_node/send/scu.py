@@ -17,8 +17,9 @@ from pathlib import Path
 from pydicom.filereader import read_file_meta_info
 from pynetdicom import AE, _config, build_context
 
+from dicom_node.audit import Audit, NullAudit
 from dicom_node.config import DestinationConfig, SendConfig
-from dicom_node.errors import SendError
+from dicom_node.errors import DicomNodeError
 from dicom_node.store import OutboxItem, Spool
 from dicom_node.tls import client_context
 
@@ -101,8 +102,10 @@ class Sender:
         transport: Callable[..., dict[Path, str | None]] = send_files,
         observe: Callable[[str, float], None] | None = None,
         clock: Callable[[], float] = time.time,
+        audit: Audit | None = None,
     ) -> None:
         self.spool = spool
+        self.audit: Audit = audit or NullAudit()
         self.destinations = {d.key: d for d in destinations}
         self.policy = policy
         self.calling_ae_title = calling_ae_title
@@ -153,7 +156,7 @@ class Sender:
                 results = self.transport(
                     destination, [i.path for i in items], self.calling_ae_title
                 )
-            except (OSError, ValueError, SendError, RuntimeError) as error:
+            except (OSError, ValueError, DicomNodeError, RuntimeError) as error:
                 results = {i.path: f"send failed: {error}" for i in items}
             if self.observe is not None:
                 per_item = (time.perf_counter() - started) / len(items)
@@ -167,10 +170,24 @@ class Sender:
     def _record(self, item: OutboxItem, name: str, problem: str | None) -> None:
         if problem is None:
             self.spool.mark_sent(item.id)
+            self.audit.record(
+                "output-sent",
+                file=item.path.name,
+                study_instance_uid=item.study_instance_uid,
+                destination=name,
+            )
             log.info("sent %s of study %s to %s", item.path.name, item.study_instance_uid, name)
             return
         delay = backoff_delay(item.attempts + 1, self.policy)
         self.spool.mark_failed(item.id, problem, delay)
+        self.audit.record(
+            "output-failed",
+            file=item.path.name,
+            study_instance_uid=item.study_instance_uid,
+            destination=name,
+            error=problem,
+            dead_lettered=delay is None,
+        )
         log.warning(
             "sending %s of study %s to %s failed (%s); %s",
             item.path.name,

@@ -112,9 +112,8 @@ def guarded(
 ) -> Callable[..., StorageScp]:
     def start(**settings: object) -> StorageScp:
         scp = start_scp(sink, **settings)
-        scp._on_dropped = dropped.append  # the metrics hook, observed
         assert scp._server is not None
-        scp._server.gate.on_dropped = dropped.append
+        scp._server.gate.on_dropped = lambda reason, address: dropped.append(reason)
         return scp
 
     return start
