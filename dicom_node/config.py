@@ -162,6 +162,16 @@ class NodeConfig(_Model):
         description="associations one host may hold (at most max_associations); the next is "
         "rejected as transient, local limit exceeded",
     )
+    max_image_pixels: int = Field(
+        default=120_000_000,
+        ge=1,
+        description="rows x columns x frames above which C-STORE answers 0xA700",
+    )
+    max_dataset_mb: int = Field(
+        default=1024,
+        ge=1,
+        description="largest data set received (inflated); a bigger one aborts or is refused",
+    )
     http_port: int = Field(default=8080, ge=0, le=65535, description="status/metrics port")
     tls: TlsConfig | None = Field(
         default=None, description="listen with DICOM TLS only (certificate and private_key)"

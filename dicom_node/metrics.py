@@ -61,7 +61,7 @@ class Metrics:
         self.dropped = Counter(
             "orthonode_connections_dropped",
             "Connections dropped before or during an association by the network guard: "
-            "timeout, closed-before-request, too-many-pending, oversized-pdu, "
+            "timeout, closed-before-request, too-many-pending, oversized-pdu, oversized-dataset, "
             "not-associate-rq, tls-failed, tls-timeout",
             ["reason"],
             registry=self.registry,

@@ -303,8 +303,19 @@ def fit_image_check(args: argparse.Namespace) -> dict[str, Any]:
     elif args.init is None:
         raise ValueError("--epochs 0 chooses thresholds for the weights of --init: give --init")
     model.cpu()
-    logits = predict_logits(model, x[val_index], torch.device("cpu"))
-    val_rows = [rows[i] for i in val_index]
+    if args.threshold_data:
+        # A calibration set of its own (never trained on): thresholds and figures from it.
+        val_rows = read_rows(args.threshold_data)
+        logits = predict_logits(
+            model, load_inputs(val_rows, args.size, args.workers), torch.device("cpu")
+        )
+        split = "calibration sets (thresholds chosen here): " + ", ".join(
+            str(f) for f in args.threshold_data
+        )
+    else:
+        logits = predict_logits(model, x[val_index], torch.device("cpu"))
+        val_rows = [rows[i] for i in val_index]
+        split = "validation patients (thresholds chosen here)"
     _, _, implant = split_logits(logits, stub)
     thresholds, figures = choose_thresholds(
         val_rows, torch.sigmoid(implant).numpy(), args.min_sensitivity
@@ -316,7 +327,7 @@ def fit_image_check(args: argparse.Namespace) -> dict[str, Any]:
         update={"anatomy_threshold": anatomy_threshold, "view_threshold": view_threshold}
     )
     metrics = {
-        "split": "validation patients (thresholds chosen here)",
+        "split": split,
         "patients": {
             "train": len({rows[i].patient for i in train_index}),
             "val": len({r.patient for r in val_rows}),
@@ -327,7 +338,10 @@ def fit_image_check(args: argparse.Namespace) -> dict[str, Any]:
     weights = args.out / IMAGE_CHECK_FILE
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, weights)
     fingerprint = hashlib.sha256(
-        b"".join((folder / "manifest.csv").read_bytes() for folder in args.data)
+        b"".join(
+            (folder / "manifest.csv").read_bytes()
+            for folder in [*args.data, *(args.threshold_data or [])]
+        )
     ).hexdigest()
     card = ImageCheckCard(
         version=args.version,
@@ -389,6 +403,14 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--init", type=Path, default=None, help="start from this image check bundle's weights"
+    )
+    parser.add_argument(
+        "--threshold-data",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="choose the thresholds on these manifest folders (a calibration set never "
+        "trained on) instead of the validation patients",
     )
     parser.add_argument("--version", default="0.1.0-demo")
     parser.add_argument("--not-demo", action="store_true", help="trained on clinical data")

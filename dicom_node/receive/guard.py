@@ -98,6 +98,7 @@ class GateSettings:
         max_pending: int = 128,
         max_pending_per_host: int = 16,
         network_timeout: float | None = 60.0,
+        max_dataset_bytes: int = 1 << 30,
         tls: ssl.SSLContext | None = None,
         on_dropped: Callable[[str, str], None] | None = None,
     ) -> None:
@@ -105,6 +106,7 @@ class GateSettings:
         self.max_pending = max_pending
         self.max_pending_per_host = max_pending_per_host
         self.network_timeout = network_timeout
+        self.max_dataset_bytes = max_dataset_bytes
         self.tls = tls
         # on_dropped(reason, address): for the metrics and the audit trail.
         self.on_dropped = on_dropped or (lambda reason, address: None)
@@ -157,9 +159,12 @@ class GuardedDUL(DULServiceProvider):
         assoc: Association,
         first: bytes | None = None,
         on_dropped: Callable[[str, str], None] | None = None,
+        max_dataset_bytes: int = 1 << 30,
     ) -> None:
         super().__init__(assoc)
         self._first = first
+        self.max_dataset_bytes = max_dataset_bytes
+        self._dataset_bytes = 0  # of the data set being received
         self.on_dropped = on_dropped or (lambda reason, address: None)
 
     def _limit(self, pdu_type: int) -> int:
@@ -205,6 +210,8 @@ class GuardedDUL(DULServiceProvider):
                     "negotiated",
                 )
             body = _read_exact(raw, length, deadline, f"PDU type 0x{pdu_type:02X}")
+            if pdu_type == _P_DATA_TF:
+                self._count_dataset(body)
         except _Dropped as dropped:
             if dropped.reason == "closed":
                 log.info("association with %s: %s", address, dropped)
@@ -219,6 +226,24 @@ class GuardedDUL(DULServiceProvider):
                 with contextlib.suppress(OSError):
                     raw.settimeout(timeout)
         self._deliver(bytearray(header + body))
+
+    def _count_dataset(self, body: bytes) -> None:
+        """Add the data-set fragments of a P-DATA-TF to the message's size (PS3.8 9.3.5.1:
+        each PDV item is length, context ID, control header, fragment)."""
+        offset = 0
+        while offset + 6 <= len(body):
+            (item,) = struct.unpack_from(">L", body, offset)
+            control = body[offset + 5]
+            if not control & 0x01:  # a data-set fragment
+                self._dataset_bytes += max(0, item - 2)
+                if self._dataset_bytes > self.max_dataset_bytes:
+                    raise _Dropped(
+                        "oversized-dataset",
+                        f"data set over {self.max_dataset_bytes >> 20} MiB (node.max_dataset_mb)",
+                    )
+                if control & 0x02:  # its last fragment
+                    self._dataset_bytes = 0
+            offset += 4 + item
 
     def _abort(self, raw: socket.socket) -> None:
         pdu = A_ABORT_RQ()
@@ -244,11 +269,9 @@ class GuardedDUL(DULServiceProvider):
 class GuardedAssociation(Association):
     """An acceptor whose DUL is a :class:`GuardedDUL` fed with the gate's A-ASSOCIATE-RQ."""
 
-    def __init__(
-        self, ae: ApplicationEntity, first: bytes, on_dropped: Callable[[str, str], None]
-    ) -> None:
+    def __init__(self, ae: ApplicationEntity, first: bytes, gate: GateSettings) -> None:
         super().__init__(ae, "acceptor")
-        self.dul = GuardedDUL(self, first, on_dropped)
+        self.dul = GuardedDUL(self, first, gate.on_dropped, gate.max_dataset_bytes)
         # The timeouts live on the DUL's timers: set them again on the new one.
         self.acse_timeout = self.acse_timeout
         self.network_timeout = self.network_timeout
@@ -264,7 +287,7 @@ class GuardedHandler(RequestHandler):
         first = self.server._first_pdus.pop(id(self.request), None)
         if first is None:  # pragma: no cover - only the gate calls finish_request
             return
-        assoc = GuardedAssociation(self.ae, first, self.server.gate.on_dropped)
+        assoc = GuardedAssociation(self.ae, first, self.server.gate)
         assoc._server = self.server
         assoc.name = f"AcceptorThread@{datetime.now():%Y%m%d%H%M%S}"
         sock = AssociationSocket(assoc, client_socket=cast(socket.socket, self.request))

@@ -58,6 +58,7 @@ from dicom_node.audit import Audit, NullAudit
 from dicom_node.config import NodeConfig, PeerConfig
 from dicom_node.errors import StorageFullError, StoreError
 from dicom_node.receive.guard import GateSettings, GuardedServer, start_guarded_server
+from dicom_node.receive.validate import Refusal, check_deflate, check_image
 from dicom_node.tls import server_context
 
 __all__ = [
@@ -235,6 +236,7 @@ class StorageScp:
                 max_pending=settings.max_pending_connections,
                 max_pending_per_host=settings.max_pending_per_host,
                 network_timeout=settings.network_timeout_s,
+                max_dataset_bytes=settings.max_dataset_mb * 2**20,
                 tls=server_context(settings.tls) if settings.tls is not None else None,
                 on_dropped=self._dropped,
             )
@@ -425,6 +427,21 @@ class StorageScp:
     def _handle_store(self, event: Event) -> int:
         calling = event.assoc.requestor.ae_title
         affected = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
+        syntax = UID(str(event.context.transfer_syntax))
+        raw = getattr(event.request, "DataSet", None)
+        if syntax == DeflatedExplicitVRLittleEndian and raw is not None:
+            bomb = check_deflate(raw, self.settings.max_dataset_mb * 2**20)
+            if bomb is not None:
+                log.warning(
+                    "C-STORE %r from %s: %s; answering 0x%04X",
+                    affected,
+                    calling,
+                    bomb.reason,
+                    bomb.status,
+                )
+                return self._refused(
+                    event, bomb.status, bomb.reason, affected_sop_instance_uid=affected
+                )
         try:
             dataset = event.dataset
             sop_class_uid = _text(dataset.get("SOPClassUID"))
@@ -479,6 +496,29 @@ class StorageScp:
 
         sop_instance_uid = uids["SOPInstanceUID"]
         study_instance_uid = uids["StudyInstanceUID"]
+        try:
+            unreadable = check_image(
+                dataset, compressed=syntax.is_compressed, max_pixels=self.settings.max_image_pixels
+            )
+        except Exception as error:  # an element that cannot even be read
+            unreadable = Refusal(
+                _CANNOT_UNDERSTAND, f"image attributes unreadable ({type(error).__name__})"
+            )
+        if unreadable is not None:
+            log.warning(
+                "C-STORE %s from %s: %s; answering 0x%04X",
+                sop_instance_uid,
+                calling,
+                unreadable.reason,
+                unreadable.status,
+            )
+            return self._refused(
+                event,
+                unreadable.status,
+                unreadable.reason,
+                sop_instance_uid=sop_instance_uid,
+                study_instance_uid=study_instance_uid,
+            )
         context = {
             "sop_instance_uid": sop_instance_uid,
             "study_instance_uid": study_instance_uid,

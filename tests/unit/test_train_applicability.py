@@ -77,6 +77,33 @@ def test_image_check_command_writes_a_bundle_the_node_loads(
     assert card["training"]["command"].startswith("python -m train image-check")
     assert card["metrics"]["heads"]["images"] > 0
     assert checker.card.input_size == 64 and checker.card.anatomies[-1] == "other"
+    # Thresholds again for the same weights, on a calibration set of their own.
+    again = tmp_path / "ic-calibrated"
+    status = main(
+        [
+            "image-check",
+            "--data",
+            str(mixed["knee"]),
+            "--init",
+            str(out),
+            "--epochs",
+            "0",
+            "--size",
+            "64",
+            "--threshold-data",
+            str(mixed["other"]),
+            str(mixed["knee"]),
+            "--out",
+            str(again),
+        ]
+    )
+    assert status == 0
+    calibrated = json.loads((again / "card.json").read_text())
+    assert calibrated["metrics"]["split"].startswith("calibration sets")
+    assert calibrated["metrics"]["heads"]["images"] == len(
+        read_rows([mixed["other"], mixed["knee"]])
+    )
+    assert calibrated["model_sha256"] == card["model_sha256"]  # the same weights
 
 
 def test_ood_command_and_applicability_evaluation(tmp_path: Path, mixed: dict[str, Path]) -> None:
