@@ -278,6 +278,11 @@ class SendConfig(_Model):
     )
     backoff_initial_s: float = Field(default=5.0, gt=0)
     backoff_max_s: float = Field(default=600.0, gt=0)
+    dimse_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a destination slower than this to answer a C-STORE is aborted; retried",
+    )
 
 
 class AuditConfig(_Model):

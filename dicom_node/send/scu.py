@@ -1,13 +1,24 @@
 """C-STORE SCU and the outbound worker: durable queue, exponential backoff, dead letter.
 
-Several associations per destination run at once (``send.associations``). An output is only
-marked sent when the destination answered success (0x0000) or a warning
-(0xB000, 0xB007, 0xB006); anything else is retried after ``backoff_delay`` until
-``max_attempts``, then dead-lettered (``python -m dicom_node send --retry-dead`` re-queues).
+Several associations per destination run at once (``send.associations``). What the
+destination answers decides what happens to an output (PS3.4 B.2.3, PS3.7 C):
+
+* 0x0000 success, or the warnings 0xB000 (coercion), 0xB006 (elements discarded), 0xB007
+  (data set does not match SOP class): sent (a warning is logged);
+* 0x0111 duplicate SOP instance: sent (the destination has it);
+* 0xA7xx out of resources, 0x0110 processing failure, 0x0210 duplicate invocation, 0x0213
+  resource limitation, no answer (refused or aborted association, a destination slower than
+  ``send.dimse_timeout_s``): retried after ``backoff_delay`` until ``max_attempts``;
+* 0xA9xx data set does not match SOP class, 0xCxxx cannot understand, 0x0122 SOP class not
+  supported and the other 0x01xx / 0x02xx failures: the destination will never take it, so
+  it is dead-lettered at once, without a retry.
+
+Dead letters are re-queued by ``python -m dicom_node send --retry-dead``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -23,11 +34,37 @@ from dicom_node.errors import DicomNodeError
 from dicom_node.store import OutboxItem, Spool
 from dicom_node.tls import client_context
 
-__all__ = ["Sender", "backoff_delay", "send_files"]
+__all__ = ["Failure", "Sender", "backoff_delay", "classify", "send_files"]
 
 log = logging.getLogger(__name__)
 
-_SUCCESS = {0x0000, 0xB000, 0xB006, 0xB007}
+_SUCCESS = {0x0000, 0xB000, 0xB006, 0xB007, 0x0111}
+_WARNINGS = {
+    0xB000: "coercion of data elements",
+    0xB006: "elements discarded",
+    0xB007: "data set does not match SOP class",
+    0x0111: "duplicate SOP instance",
+}
+_TRANSIENT = {0x0110, 0x0210, 0x0213}
+
+
+class Failure(str):
+    """Why an output was not delivered; ``permanent`` when retrying cannot help."""
+
+    permanent: bool
+
+    def __new__(cls, message: str, permanent: bool = False) -> Failure:
+        failure = super().__new__(cls, message)
+        failure.permanent = permanent
+        return failure
+
+
+def classify(code: int) -> Failure | None:
+    """None when the C-STORE status means delivered, else the failure it is."""
+    if code in _SUCCESS:
+        return None
+    transient = (code & 0xFF00) == 0xA700 or code in _TRANSIENT
+    return Failure(f"C-STORE status 0x{code:04X}", permanent=not transient)
 
 
 def backoff_delay(attempt: int, policy: SendConfig) -> float | None:
@@ -43,7 +80,7 @@ def send_files(
     calling_ae_title: str,
     timeout_s: float = 30.0,
 ) -> dict[Path, str | None]:
-    """Send files over one association; returns path → None (sent) or an error message.
+    """Send files over one association; returns path → None (sent) or a :class:`Failure`.
 
     Each file is sent as it is on disk (pynetdicom's chunked sending: the data set is streamed
     from the file without being decoded and re-encoded), under a presentation context for its
@@ -71,16 +108,29 @@ def send_files(
         return {path: f"association with {destination.ae_title} {reason}" for path in paths}
     try:
         for path in paths:
+            if not assoc.is_established:  # aborted: a DIMSE timeout, or the peer
+                results[path] = Failure(f"association with {destination.ae_title} aborted")
+                continue
             status = assoc.send_c_store(path)
             code = int(status.Status) if status and "Status" in status else None
-            if code in _SUCCESS:
-                results[path] = None
-            else:
-                results[path] = (
-                    f"C-STORE status 0x{code:04X}" if code is not None else "no C-STORE response"
+            if code is None:
+                results[path] = Failure(
+                    "no C-STORE response (the destination is slower than the DIMSE timeout, "
+                    "or aborted)"
+                )
+                continue
+            results[path] = classify(code)
+            if code in _WARNINGS:
+                log.warning(
+                    "%s answered 0x%04X (%s) for %s: delivered",
+                    destination.key,
+                    code,
+                    _WARNINGS[code],
+                    path.name,
                 )
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
     return results
 
 
@@ -99,7 +149,7 @@ class Sender:
         destinations: Sequence[DestinationConfig],
         policy: SendConfig,
         calling_ae_title: str,
-        transport: Callable[..., dict[Path, str | None]] = send_files,
+        transport: Callable[..., dict[Path, str | None]] | None = None,
         observe: Callable[[str, float], None] | None = None,
         clock: Callable[[], float] = time.time,
         audit: Audit | None = None,
@@ -109,7 +159,9 @@ class Sender:
         self.destinations = {d.key: d for d in destinations}
         self.policy = policy
         self.calling_ae_title = calling_ae_title
-        self.transport = transport
+        self.transport = transport or functools.partial(
+            send_files, timeout_s=policy.dimse_timeout_s
+        )
         self.observe = observe
         self.clock = clock
         self._pool = ThreadPoolExecutor(
@@ -178,7 +230,8 @@ class Sender:
             )
             log.info("sent %s of study %s to %s", item.path.name, item.study_instance_uid, name)
             return
-        delay = backoff_delay(item.attempts + 1, self.policy)
+        permanent = bool(getattr(problem, "permanent", False))
+        delay = None if permanent else backoff_delay(item.attempts + 1, self.policy)
         self.spool.mark_failed(item.id, problem, delay)
         self.audit.record(
             "output-failed",
@@ -194,5 +247,9 @@ class Sender:
             item.study_instance_uid,
             name,
             problem,
-            "dead-lettered" if delay is None else f"retry in {delay:.0f} s",
+            "dead-lettered without a retry (the destination will not take it)"
+            if permanent
+            else "dead-lettered"
+            if delay is None
+            else f"retry in {delay:.0f} s",
         )
