@@ -130,8 +130,10 @@ class Spool:
         *,
         min_free_bytes: int = 0,
         clock: Callable[[], float] = time.time,
+        free_space: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free,
     ) -> None:
         self.root = root
+        self._free_space = free_space  # bytes free where the spool lives (tests inject one)
         self.instances_dir = root / "instances"
         self.outputs_dir = root / "outputs"
         self.min_free_bytes = min_free_bytes
@@ -169,7 +171,7 @@ class Spool:
         below the reserve, a folder that cannot be written, an index that cannot be read."""
         problems = []
         try:
-            free = shutil.disk_usage(self.root).free
+            free = self._free_space(self.root)
             if free < self.min_free_bytes:
                 problems.append(
                     f"disk: {free // 2**20} MiB free, below the {self.min_free_bytes // 2**20} "
@@ -218,7 +220,7 @@ class Spool:
         if known:
             return False
         try:
-            free = shutil.disk_usage(self.root).free
+            free = self._free_space(self.root)
         except OSError as error:
             raise StoreError(f"cannot check free space of {self.root}: {error}") from error
         if free - len(encoded) < self.min_free_bytes:
