@@ -125,6 +125,10 @@ class DisplayImage(Transform):
         if array.ndim != 2:
             raise ValueError(f"expected a single-frame greyscale image, got shape {array.shape}")
         values = apply_modality_lut(array, ds).astype(np.float32)
+        if not np.isfinite(values).all():
+            raise ValueError(
+                "the modality LUT (Rescale Slope / Intercept) gives values that are not finite"
+            )
         has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
         if has_voi:
             values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float32)
@@ -133,6 +137,8 @@ class DisplayImage(Transform):
             step = self.subsample
             sample = values[::step, ::step]
             low, high = (float(v) for v in np.percentile(sample, self.percentiles))
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise ValueError("the VOI LUT or window gives values that are not finite")
         span = max(high - low, 1e-6)
         image = np.clip((values - low) / span, 0.0, 1.0)
         if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
