@@ -1,19 +1,24 @@
 """Prometheus metrics of the node (a registry of its own; labels never carry patient data).
 
-``orthonode_stage_seconds{stage}`` says where a study's time goes: ``wait_ready`` (newest
-instance stored → study claimed; per study), ``read`` (read + decode + display), ``locate``
+``orthonode_stage_seconds{stage}`` says where a study's time goes: ``receive`` (one C-STORE:
+data set in hand → stored durably), ``wait_ready`` (newest instance stored → study claimed;
+per study), ``read`` (read + decode + display), ``locate``
 (region of interest + classifier input), ``classify``, ``explain`` (per view), ``encode`` (per
 object: a Secondary Capture or the SR built and written), ``queue_wait`` (queued → first send
-attempt) and ``send`` (per object, on its association).
+attempt) and ``send`` (per object, on its association). ``orthonode_end_to_end_seconds`` is
+the whole way: a study's newest instance stored → each of its outputs delivered.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["STAGES", "Metrics"]
 
 STAGES = (
+    "receive",
     "wait_ready",
     "read",
     "check",
@@ -85,6 +90,52 @@ class Metrics:
         self.outbox = Gauge(
             "orthonode_outbox", "Outbound queue by state", ["state"], registry=self.registry
         )
+        self.instances = Counter(
+            "orthonode_instances",
+            "C-STORE requests by SOP class and the status answered (0x0000, 0xA700, ...)",
+            ["sop_class", "status"],
+            registry=self.registry,
+        )
+        self.studies = Gauge(
+            "orthonode_studies",
+            "Studies in the spool by state (collecting, ready, processing, done, failed)",
+            ["state"],
+            registry=self.registry,
+        )
+        self.retries = Counter(
+            "orthonode_send_retries",
+            "Failed sends that will be retried, by destination",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.dead_letters = Counter(
+            "orthonode_dead_letters",
+            "Outputs dead-lettered, by destination",
+            ["destination"],
+            registry=self.registry,
+        )
+        self.end_to_end = Histogram(
+            "orthonode_end_to_end_seconds",
+            "A study's newest instance stored → each of its outputs delivered",
+            ["task"],
+            buckets=(0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800),
+            registry=self.registry,
+        )
+        self.model = Gauge(
+            "orthonode_model_info",
+            "The loaded bundles (value 1): task, version and the weights' sha256",
+            ["task", "version", "sha256"],
+            registry=self.registry,
+        )
+        self.gpu_memory = Gauge(
+            "orthonode_gpu_memory_bytes",
+            "CUDA memory allocated by the node's models (absent on CPU)",
+            registry=self.registry,
+        )
+
+    def watch_gpu(self, allocated: Callable[[], float]) -> None:
+        """Report ``allocated()`` (e.g. torch.cuda.memory_allocated) at every scrape."""
+        self.gpu_memory.set_function(allocated)
 
     def observe(self, stage: str, seconds: float) -> None:
         """One observation of a stage's time (the stages' ``observe`` callback)."""

@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import pydicom
+import torch
 
 from dicom_node.applicability import ImageChecker, load_image_checker
 from dicom_node.assemble import Assembler
@@ -32,7 +33,7 @@ from dicom_node.pipeline import Pipeline
 from dicom_node.preprocess import display_image
 from dicom_node.receive import StorageScp
 from dicom_node.send import Sender
-from dicom_node.store import Spool
+from dicom_node.store import OutboxItem, Spool
 from dicom_node.tasks import TaskSpec
 
 __all__ = ["Service"]
@@ -118,6 +119,7 @@ class Service:
             observe=metrics.observe,
             clock=self.clock,
             audit=self.audit,
+            on_result=self._sent,
         )
         self.scp = StorageScp(
             config.node,
@@ -129,6 +131,7 @@ class Service:
             ).inc(),
             on_dropped=lambda reason: metrics.dropped.labels(reason=reason).inc(),
             audit=self.audit,
+            on_instance=self._instance,
         )
         self.scp.start()
         self.http: HttpEndpoint | None = None
@@ -150,6 +153,12 @@ class Service:
         for event in (self._assemble, self._infer, self._send):
             event.set()
         record_start(self.audit, config, bundles, image_checker)
+        for task, bundle in bundles.items():
+            metrics.model.labels(
+                task=task, version=bundle.card.version, sha256=bundle.card.model_sha256
+            ).set(1)
+        if device.type == "cuda":
+            metrics.watch_gpu(lambda: float(torch.cuda.memory_allocated(device)))
         log.info(
             "orthonode listening as %s on port %d; tasks %s on %s",
             config.node.ae_title,
@@ -179,6 +188,23 @@ class Service:
             return checker.route(check, specs, tasks)
 
         return image_route
+
+    def _instance(self, sop_class: str, status: int, seconds: float) -> None:
+        self.metrics.instances.labels(sop_class=sop_class, status=f"0x{status:04X}").inc()
+        if status == 0x0000:
+            self.metrics.observe("receive", seconds)
+
+    def _sent(self, item: OutboxItem, destination: str, problem: str | None, retried: bool) -> None:
+        if problem is None:
+            study = self.spool.study(item.study_instance_uid, item.task)
+            if study is not None:
+                self.metrics.end_to_end.labels(task=item.task).observe(
+                    max(0.0, self.clock() - study.last_received_at)
+                )
+        elif retried:
+            self.metrics.retries.labels(destination=destination).inc()
+        else:
+            self.metrics.dead_letters.labels(destination=destination).inc()
 
     def _on_stored(self, study_instance_uid: str, sop_instance_uid: str) -> None:
         self.metrics.received.inc()
@@ -237,6 +263,9 @@ class Service:
         counts = self.spool.outbox_counts()
         for state in ("pending", "sent", "dead"):
             self.metrics.outbox.labels(state=state).set(counts.get(state, 0))
+        studies = self.spool.study_counts()
+        for state in ("collecting", "ready", "processing", "done", "failed"):
+            self.metrics.studies.labels(state=state).set(studies.get(state, 0))
 
     def stop(self) -> None:
         """Stop receiving, finish the current steps, close the spool. Safe to call twice."""

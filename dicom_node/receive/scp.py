@@ -169,6 +169,9 @@ class StorageScp:
     audit : Audit, optional
         The audit trail (:mod:`dicom_node.audit`): associations, dropped connections,
         instances stored and refused.
+    on_instance : callable, optional
+        ``on_instance(sop_class_uid, status, seconds)`` per C-STORE answered (the metrics:
+        instances by SOP class and status, and the ``receive`` stage).
     """
 
     def __init__(
@@ -181,6 +184,7 @@ class StorageScp:
         on_association: Callable[[str, str], None] | None = None,
         on_dropped: Callable[[str], None] | None = None,
         audit: Audit | None = None,
+        on_instance: Callable[[str, int, float], None] | None = None,
     ) -> None:
         self.settings = settings
         self.peers = tuple(peers)
@@ -189,6 +193,7 @@ class StorageScp:
         self._on_association = on_association or (lambda result, reason: None)
         self._on_dropped = on_dropped or (lambda reason: None)
         self._audit: Audit = audit or NullAudit()
+        self._on_instance = on_instance or (lambda sop_class, status, seconds: None)
         self._lock = threading.Lock()
         self._ae: AE | None = None
         self._server: GuardedServer | None = None
@@ -425,6 +430,16 @@ class StorageScp:
     # -- C-STORE -----------------------------------------------------------------------------
 
     def _handle_store(self, event: Event) -> int:
+        started = time.perf_counter()
+        status = _UNABLE_TO_PROCESS
+        try:
+            status = self._store(event)
+            return status
+        finally:
+            sop_class = str(event.context.abstract_syntax)
+            self._on_instance(sop_class, status, time.perf_counter() - started)
+
+    def _store(self, event: Event) -> int:
         calling = event.assoc.requestor.ae_title
         affected = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
         syntax = UID(str(event.context.transfer_syntax))

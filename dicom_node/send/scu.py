@@ -153,8 +153,11 @@ class Sender:
         observe: Callable[[str, float], None] | None = None,
         clock: Callable[[], float] = time.time,
         audit: Audit | None = None,
+        on_result: Callable[[OutboxItem, str, str | None, bool], None] | None = None,
     ) -> None:
         self.spool = spool
+        # on_result(item, destination, problem, retried): the metrics' view of each attempt
+        self.on_result = on_result or (lambda item, name, problem, retried: None)
         self.audit: Audit = audit or NullAudit()
         self.destinations = {d.key: d for d in destinations}
         self.policy = policy
@@ -222,6 +225,7 @@ class Sender:
     def _record(self, item: OutboxItem, name: str, problem: str | None) -> None:
         if problem is None:
             self.spool.mark_sent(item.id)
+            self.on_result(item, name, None, False)
             self.audit.record(
                 "output-sent",
                 file=item.path.name,
@@ -233,6 +237,7 @@ class Sender:
         permanent = bool(getattr(problem, "permanent", False))
         delay = None if permanent else backoff_delay(item.attempts + 1, self.policy)
         self.spool.mark_failed(item.id, problem, delay)
+        self.on_result(item, name, problem, delay is not None)
         self.audit.record(
             "output-failed",
             file=item.path.name,

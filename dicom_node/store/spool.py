@@ -510,6 +510,12 @@ class Spool:
     def dead_letters(self) -> list[OutboxItem]:
         return self._outbox("state = 'dead' ORDER BY id")
 
+    def study_counts(self) -> dict[str, int]:
+        """Studies by state (collecting, ready, processing, done, failed)."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state")
+            return {str(state): int(n) for state, n in rows.fetchall()}
+
     def outbox_counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()

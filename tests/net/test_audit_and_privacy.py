@@ -120,6 +120,18 @@ def test_no_patient_identifier_in_logs_metrics_or_audit_and_the_audit_says_what_
     if level == logging.DEBUG:
         assert any(r.name.startswith("pynetdicom") for r in caplog.records)  # it did log
 
+    # The metrics of what just happened (docs/operations.md, "Watching it").
+    def value(line_start: str) -> float:
+        [line] = [m for m in metrics.splitlines() if m.startswith(line_start)]
+        return float(line.rsplit(" ", 1)[1])
+
+    dx = knee_study[0].SOPClassUID
+    assert value(f'orthonode_instances_total{{sop_class="{dx}",status="0x0000"}}') == 3
+    assert value('orthonode_stage_seconds_count{stage="receive"}') == 3
+    assert value('orthonode_end_to_end_seconds_count{task="knee"}') >= 3
+    assert value('orthonode_model_info{sha256="') == 1.0
+    assert value('orthonode_associations_total{reason="called AE title not recognised"') == 1
+
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "stop"
     start = events[0]
