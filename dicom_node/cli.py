@@ -1,11 +1,13 @@
-"""``python -m dicom_node serve | echo | check-config | status | send --retry-dead``."""
+"""``python -m dicom_node serve | echo | check-config | status | send --retry-dead | reload``."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
@@ -22,6 +24,7 @@ from dicom_node.tls import client_context, server_context
 __all__ = ["main"]
 
 log = logging.getLogger("dicom_node")
+PID_FILE = "orthonode.pid"
 _DEFAULT_CONFIG = Path("conf.yaml")
 
 
@@ -50,14 +53,44 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}") from None
     service = Service(config)
     service.start()
+    pid_file = config.spool.directory / PID_FILE
+    pid_file.write_text(f"{os.getpid()}\n")
 
     def stop(signum: int, frame: FrameType | None) -> None:
         log.info("signal %d: draining and stopping", signum)
         service.stop()
 
+    def reload(signum: int, frame: FrameType | None) -> None:
+        log.info("SIGHUP: reloading the bundles")
+        # Off the signal handler: loading takes seconds, and the handler must return.
+        threading.Thread(target=service.reload, name="orthonode-reload", daemon=True).start()
+
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    service.wait()
+    signal.signal(signal.SIGHUP, reload)
+    try:
+        service.wait()
+    finally:
+        pid_file.unlink(missing_ok=True)
+    return 0
+
+
+def _reload(args: argparse.Namespace) -> int:
+    pid_file = _config(args).spool.directory / PID_FILE
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError, IndexError) as error:
+        sys.stderr.write(
+            f"reload: no running node found through {pid_file} ({error}); is it serving "
+            "with this configuration?\n"
+        )
+        return 1
+    sys.stdout.write(
+        f"sent SIGHUP to the node (pid {pid}): it verifies and loads the bundles between "
+        "batches; its log and audit trail say whether they were taken (reload) or refused "
+        "(reload-refused)\n"
+    )
     return 0
 
 
@@ -205,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     send = with_config(sub.add_parser("send", help="outbound queue maintenance"))
     send.add_argument("--retry-dead", action="store_true")
     send.set_defaults(run=_send)
+    with_config(
+        sub.add_parser("reload", help="load changed bundles into the running node (SIGHUP)")
+    ).set_defaults(run=_reload)
     return parser
 
 

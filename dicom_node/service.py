@@ -25,10 +25,11 @@ from dicom_node.assemble import Assembler
 from dicom_node.audit import open_audit, record_start
 from dicom_node.config import Config
 from dicom_node.domain import InstanceRef
+from dicom_node.errors import BundleError, DicomNodeError
 from dicom_node.http import HttpEndpoint, make_app
 from dicom_node.infer import Predictor, select_device
 from dicom_node.metrics import Metrics
-from dicom_node.models.bundle import load_bundles
+from dicom_node.models.bundle import Bundle, load_bundles
 from dicom_node.pipeline import Pipeline
 from dicom_node.preprocess import display_image
 from dicom_node.receive import StorageScp
@@ -57,16 +58,16 @@ class Service:
     _infer: threading.Event = field(default_factory=threading.Event)
     _send: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
+    _swap: threading.Lock = field(default_factory=threading.Lock)
+    _next_predictor: Predictor | None = None
 
     def start(self) -> None:
         from dicom_node.encode import build_secondary_capture, build_structured_report
 
         config = self.config
-        device = select_device(config.inference.device)
-        bundles = load_bundles(config, device)
-        image_checker = None
-        if config.routing.image_check != "off":
-            image_checker = load_image_checker(config.routing.image_check_bundle, device)
+        self.device = device = select_device(config.inference.device)
+        bundles, image_checker = self._load_models()
+        self.bundles = bundles
         self.metrics = metrics = Metrics()
         self.audit = open_audit(config)
         self.spool = Spool(
@@ -90,14 +91,7 @@ class Service:
             else None,
         )
         self.pipeline = Pipeline(
-            predictor=Predictor(
-                bundles,
-                device,
-                saliency=config.inference.saliency,
-                observe=metrics.observe,
-                image_checker=image_checker,
-                specs=specs,
-            ),
+            predictor=self._predictor(bundles, image_checker),
             spool=self.spool,
             specs=specs,
             destinations=[d.key for d in config.destinations],
@@ -153,10 +147,7 @@ class Service:
         for event in (self._assemble, self._infer, self._send):
             event.set()
         record_start(self.audit, config, bundles, image_checker)
-        for task, bundle in bundles.items():
-            metrics.model.labels(
-                task=task, version=bundle.card.version, sha256=bundle.card.model_sha256
-            ).set(1)
+        self._show_models(bundles)
         if device.type == "cuda":
             metrics.watch_gpu(lambda: float(torch.cuda.memory_allocated(device)))
         log.info(
@@ -166,6 +157,71 @@ class Service:
             ", ".join(f"{t} ({b.card.version})" for t, b in bundles.items()),
             device,
         )
+
+    def _load_models(self) -> tuple[dict[str, Bundle], ImageChecker | None]:
+        """The task bundles and the image check, each verified against its sha256."""
+        config = self.config
+        bundles = load_bundles(config, self.device)
+        image_checker = None
+        if config.routing.image_check != "off":
+            image_checker = load_image_checker(config.routing.image_check_bundle, self.device)
+        return bundles, image_checker
+
+    def _predictor(
+        self, bundles: dict[str, Bundle], image_checker: ImageChecker | None
+    ) -> Predictor:
+        return Predictor(
+            bundles,
+            self.device,
+            saliency=self.config.inference.saliency,
+            observe=self.metrics.observe,
+            image_checker=image_checker,
+            specs={task: self.config.spec(task) for task in bundles},
+        )
+
+    def _show_models(self, bundles: dict[str, Bundle]) -> None:
+        self.metrics.model.clear()
+        for task, bundle in bundles.items():
+            self.metrics.model.labels(
+                task=task, version=bundle.card.version, sha256=bundle.card.model_sha256
+            ).set(1)
+
+    def reload(self) -> bool:
+        """Load the bundles again from their folders (``python -m dicom_node reload``, SIGHUP).
+
+        Each is verified (card, sha256 of the weights) before anything changes; the new set
+        is used from the next batch on, so queued studies are processed by the new versions
+        (and their SRs say so). A bundle that fails, or a change in the set of tasks (a restart
+        is needed for that), is refused with the reason, and the running bundles keep serving.
+        """
+        running = {t: b.card.version for t, b in self.bundles.items()}
+        try:
+            bundles, image_checker = self._load_models()
+            if set(bundles) != set(self.bundles):
+                raise BundleError(
+                    f"the tasks changed ({', '.join(sorted(bundles))} instead of "
+                    f"{', '.join(sorted(self.bundles))}): restart the node for that"
+                )
+            predictor = self._predictor(bundles, image_checker)
+        except (DicomNodeError, OSError) as error:
+            log.error("reload refused: %s; still serving %s", error, running)
+            self.audit.record("reload-refused", error=str(error), serving=running)
+            return False
+        with self._swap:
+            self._next_predictor = predictor
+        self.bundles = bundles
+        self._show_models(bundles)
+        loaded = {t: b.card.version for t, b in bundles.items()}
+        self.audit.record(
+            "reload",
+            bundles={
+                t: {"version": b.card.version, "sha256": b.card.model_sha256}
+                for t, b in bundles.items()
+            },
+        )
+        log.info("reloaded the bundles: %s (were %s); used from the next batch", loaded, running)
+        self._infer.set()
+        return True
 
     def checks(self) -> dict[str, list[str]]:
         """What /readyz reports: problems per part (empty lists: ready)."""
@@ -238,6 +294,10 @@ class Service:
     def _infer_step(self) -> None:
         self._wait(self._infer, None)
         while not self._stop.is_set():
+            with self._swap:  # a reload takes effect between batches, never within one
+                if self._next_predictor is not None:
+                    self.pipeline.predictor = self._next_predictor
+                    self._next_predictor = None
             jobs = self.spool.claim_ready(self.config.inference.batch_size)
             if not jobs:
                 return
