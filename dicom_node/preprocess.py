@@ -122,8 +122,17 @@ class DisplayImage(Transform):
 
     def __call__(self, ds: Dataset, pixels: np.ndarray | None = None) -> np.ndarray:
         array = ds.pixel_array if pixels is None else pixels
-        if array.ndim != 2:
-            raise ValueError(f"expected a single-frame greyscale image, got shape {array.shape}")
+        if array.ndim == 3 and array.shape[-1] == 3 and int(ds.get("SamplesPerPixel", 1)) == 3:
+            # A colour radiograph (scanned film, a secondary capture): its luminance (BT.601).
+            array = array.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+            ds = _without_modality_lut(ds)
+        elif array.ndim != 2:
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            raise ValueError(
+                f"multi-frame images ({frames} frames) are not analysed"
+                if frames > 1
+                else f"expected a single-frame greyscale image, got shape {array.shape}"
+            )
         values = apply_modality_lut(array, ds).astype(np.float32)
         if not np.isfinite(values).all():
             raise ValueError(
@@ -556,6 +565,16 @@ def preprocessing_record(
 # --- the node's calls, and the steps as functions ----------------------------------------------
 
 _DISPLAY = DisplayImage()
+
+
+def _without_modality_lut(ds: Dataset) -> Dataset:
+    """A shallow copy without Rescale / Modality LUT (they do not apply to colour)."""
+    plain = Dataset(ds)
+    for keyword in ("RescaleSlope", "RescaleIntercept", "ModalityLUTSequence"):
+        if keyword in plain:
+            delattr(plain, keyword)
+    plain.PhotometricInterpretation = "MONOCHROME2"
+    return plain
 
 
 def display_image(ds: Dataset, pixels: np.ndarray | None = None) -> np.ndarray:
