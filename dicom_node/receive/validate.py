@@ -12,8 +12,11 @@ is written.
 * :func:`check_image` — the Image Pixel module (PS3.3 C.7.6.3): Pixel Data present; Rows,
   Columns, Bits Allocated, Bits Stored, Samples per Pixel and Photometric Interpretation
   present and consistent; for native (uncompressed) pixel data, a length that holds every
-  frame; and the image within the configured size (``node.max_image_pixels``), so that no
-  large allocation is ever made for a 65535 × 65535 header.
+  frame; for JPEG 2000, JPEG-LS and JPEG, a codestream that declares the same size as Rows
+  and Columns (a decoder allocates what its codestream says: a bomb declares 60000 × 60000
+  under a small header); and the image within the configured size
+  (``node.max_image_pixels``), so that no large allocation is ever made for a 65535 × 65535
+  header.
 
 Each problem is a :class:`Refusal`: the DIMSE status (0xA900 "data set does not match SOP
 class" for an image that breaks its IOD, 0xA700 "out of resources" for one over the node's
@@ -29,7 +32,7 @@ from typing import BinaryIO
 
 from pydicom.dataset import Dataset
 
-__all__ = ["Refusal", "check_deflate", "check_image"]
+__all__ = ["Refusal", "check_deflate", "check_image", "codestream_size"]
 
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 OUT_OF_RESOURCES = 0xA700
@@ -78,6 +81,47 @@ def check_deflate(stream: BinaryIO, max_bytes: int) -> Refusal | None:
         stream.seek(position)
 
 
+def _first_fragment(pixel_data: bytes) -> bytes:
+    """The start of the first frame's first fragment of encapsulated Pixel Data (after the
+    Basic Offset Table item), at most 64 KiB; empty when the items cannot be read."""
+    offset = 0
+    for _ in range(2):  # the Basic Offset Table item, then the first fragment
+        if len(pixel_data) < offset + 8 or pixel_data[offset : offset + 4] != b"\xfe\xff\x00\xe0":
+            return b""
+        length = int.from_bytes(pixel_data[offset + 4 : offset + 8], "little")
+        start = offset + 8
+        if _ == 1:
+            return pixel_data[start : start + min(length, 65536)]
+        offset = start + length
+    return b""
+
+
+def codestream_size(pixel_data: bytes) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG 2000 (SIZ), JPEG-LS (SOF55) or JPEG (SOFn) codestream in
+    encapsulated Pixel Data declares; None when none is found."""
+    data = _first_fragment(pixel_data)
+    siz = data.find(b"\xff\x51")
+    if data[:2] == b"\xff\x4f" and siz >= 0 and len(data) >= siz + 22:
+        width = int.from_bytes(data[siz + 6 : siz + 10], "big")
+        height = int.from_bytes(data[siz + 10 : siz + 14], "big")
+        x_offset = int.from_bytes(data[siz + 14 : siz + 18], "big")
+        y_offset = int.from_bytes(data[siz + 18 : siz + 22], "big")
+        return height - y_offset, width - x_offset
+    if data[:2] == b"\xff\xd8":  # JPEG and JPEG-LS: the first start-of-frame marker
+        i = 2
+        while i + 9 <= len(data):
+            if data[i] != 0xFF:
+                return None
+            marker = data[i + 1]
+            length = int.from_bytes(data[i + 2 : i + 4], "big")
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xF7):
+                rows = int.from_bytes(data[i + 5 : i + 7], "big")
+                columns = int.from_bytes(data[i + 7 : i + 9], "big")
+                return rows, columns
+            i += 2 + length
+    return None
+
+
 def _int(ds: Dataset, keyword: str) -> int | None:
     value = ds.get(keyword)
     try:
@@ -124,6 +168,14 @@ def check_image(ds: Dataset, *, compressed: bool, max_pixels: int) -> Refusal | 
             f"{rows} x {columns} x {frames} frame(s) is over the node's "
             f"{max_pixels:,} pixels (node.max_image_pixels)",
         )
+    if compressed:
+        declared = codestream_size(bytes(ds.PixelData))
+        if declared is not None and declared != (rows, columns):
+            return Refusal(
+                DOES_NOT_MATCH_SOP_CLASS,
+                f"the compressed image is {declared[0]} x {declared[1]}, "
+                f"Rows and Columns say {rows} x {columns}",
+            )
     if not compressed:
         needed = (pixels * samples * allocated + 7) // 8
         length = len(ds.PixelData)

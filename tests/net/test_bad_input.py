@@ -23,12 +23,15 @@ from pydicom.uid import (
     EncapsulatedPDFStorage,
     ExplicitVRLittleEndian,
     GrayscaleSoftcopyPresentationStateStorage,
+    JPEG2000Lossless,
+    JPEGLSLossless,
     SecondaryCaptureImageStorage,
     generate_uid,
 )
 from pynetdicom import _config
 
 from dicom_node.receive import StorageScp
+from dicom_node.receive.validate import codestream_size
 from tests.factories import MemorySink
 from tests.net.test_network_abuse import echo_seconds, rss_bytes
 from tests.net.test_scp import (  # noqa: F401  (fixtures)
@@ -249,3 +252,27 @@ def test_uids_that_look_like_paths_are_refused(
     ds.SOPInstanceUID = uid
     assert send(node.port, ds) == 0xC210
     assert sink.instances == {}
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, JPEGLSLossless])
+def test_a_codestream_larger_than_its_header_is_refused_before_decoding(
+    node: StorageScp, sink: MemorySink, dx_file: Path, syntax: str
+) -> None:
+    """A decompression bomb: the codestream declares 60000 x 60000 under a 256 x 256 header
+    (a decoder would allocate what the codestream says). 0xA900; the honest file is stored."""
+    ds = image(dx_file)
+    ds.compress(syntax)
+    assert codestream_size(bytes(ds.PixelData)) == (ds.Rows, ds.Columns)
+    data = bytearray(ds.PixelData)
+    if syntax == JPEG2000Lossless:
+        siz = data.index(b"\xff\x51")
+        data[siz + 6 : siz + 14] = (60000).to_bytes(4, "big") * 2  # Xsiz, Ysiz
+    else:
+        sof = data.index(b"\xff\xf7")
+        data[sof + 5 : sof + 9] = (60000).to_bytes(2, "big") * 2  # Y, X
+    bomb = image(dx_file)
+    bomb.compress(syntax)
+    bomb.PixelData = bytes(data)
+    assert send(node.port, bomb, syntax) == 0xA900
+    assert sink.instances == {}
+    assert send(node.port, ds, syntax) == 0x0000
