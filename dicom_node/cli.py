@@ -19,6 +19,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from dicom_node.audit import open_audit
 from dicom_node.config import Config, load_config, parse_ae_address
 from dicom_node.errors import ConfigError, DicomNodeError
+from dicom_node.logs import configure as configure_logs
 from dicom_node.tls import client_context, server_context
 
 __all__ = ["main"]
@@ -206,7 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dicom_node",
         description=("orthonode DICOM node. Demo weights are not for clinical use."),
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default=os.environ.get("ORTHONODE_LOG_LEVEL", "INFO"))
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default=os.environ.get("ORTHONODE_LOG_FORMAT", "text"),
+        help="json: one object per line with UIDs and stage (dicom_node/logs.py)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -246,9 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logs(args.log_level, args.log_format)
     for chatty in ("highdicom", "pynetdicom", "openjpeg"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
