@@ -139,7 +139,9 @@ class NodeConfig(_Model):
     host: str = Field(default="0.0.0.0", description="address to listen on")
     port: int = Field(default=11112, ge=0, le=65535, description="DICOM port (0: any free)")
     max_associations: int = Field(default=10, ge=1, le=200)
-    max_pdu: int = Field(default=131072, ge=0, description="maximum PDU size; 0 = unlimited")
+    max_pdu: int = Field(
+        default=131072, ge=0, description="maximum PDU size received; 0 = the largest, 16 MiB"
+    )
     acse_timeout_s: float = Field(default=30.0, gt=0)
     dimse_timeout_s: float = Field(default=30.0, gt=0)
     network_timeout_s: float = Field(

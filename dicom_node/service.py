@@ -25,7 +25,7 @@ from dicom_node.assemble import Assembler
 from dicom_node.audit import open_audit, record_start
 from dicom_node.config import Config
 from dicom_node.domain import InstanceRef
-from dicom_node.errors import BundleError, DicomNodeError
+from dicom_node.errors import BundleError
 from dicom_node.http import HttpEndpoint, make_app
 from dicom_node.infer import Predictor, select_device
 from dicom_node.metrics import Metrics
@@ -60,6 +60,7 @@ class Service:
     _threads: list[threading.Thread] = field(default_factory=list)
     _swap: threading.Lock = field(default_factory=threading.Lock)
     _next_predictor: Predictor | None = None
+    _reloading: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
         from dicom_node.encode import build_secondary_capture, build_structured_report
@@ -194,6 +195,15 @@ class Service:
         (and their SRs say so). A bundle that fails, or a change in the set of tasks (a restart
         is needed for that), is refused with the reason, and the running bundles keep serving.
         """
+        if not self._reloading.acquire(blocking=False):
+            log.warning("reload: one is already running; this request is ignored")
+            return False
+        try:
+            return self._reload()
+        finally:
+            self._reloading.release()
+
+    def _reload(self) -> bool:
         running = {t: b.card.version for t, b in self.bundles.items()}
         try:
             bundles, image_checker = self._load_models()
@@ -202,14 +212,19 @@ class Service:
                     f"the tasks changed ({', '.join(sorted(bundles))} instead of "
                     f"{', '.join(sorted(self.bundles))}): restart the node for that"
                 )
+            changed = [t for t in bundles if bundles[t].card.views != self.bundles[t].card.views]
+            if changed:
+                raise BundleError(
+                    f"the views of {', '.join(changed)} changed: restart the node for that"
+                )
             predictor = self._predictor(bundles, image_checker)
-        except (DicomNodeError, OSError) as error:
+        except Exception as error:  # a bundle that fails in any way is refused
             log.error("reload refused: %s; still serving %s", error, running)
             self.audit.record("reload-refused", error=str(error), serving=running)
             return False
         with self._swap:
             self._next_predictor = predictor
-        self.bundles = bundles
+            self.bundles = bundles
         self._show_models(bundles)
         loaded = {t: b.card.version for t, b in bundles.items()}
         self.audit.record(
@@ -318,8 +333,11 @@ class Service:
             return
         # Every round takes all that is due by then, so outputs queued during a send go out
         # together on the next association.
-        while self.sender.step() and not self._stop.is_set():
-            pass
+        # At most a few rounds per wake-up: an item that cannot even be recorded (a broken
+        # index) must not make this loop spin.
+        for _ in range(20):
+            if not self.sender.step() or self._stop.is_set():
+                break
         counts = self.spool.outbox_counts()
         for state in ("pending", "sent", "dead"):
             self.metrics.outbox.labels(state=state).set(counts.get(state, 0))

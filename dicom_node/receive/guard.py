@@ -77,8 +77,10 @@ log = logging.getLogger(__name__)
 MAX_ASSOCIATE_RQ = 256 * 1024
 #: Largest PDU other than P-DATA-TF (A-ASSOCIATE-AC/RJ, A-RELEASE, A-ABORT).
 MAX_CONTROL_PDU = 64 * 1024
-#: P-DATA-TF limit when our maximum PDU length is 0 ("unlimited" in pynetdicom's terms).
+#: The largest P-DATA-TF we read, and what we advertise when ``node.max_pdu`` is 0.
 MAX_UNLIMITED_PDU = 16 * 1024 * 1024
+#: The largest command set (a C-STORE-RQ is a few hundred bytes).
+MAX_COMMAND_SET = 1024 * 1024
 
 _HEADER = 6
 _ASSOCIATE_RQ = 0x01
@@ -165,6 +167,7 @@ class GuardedDUL(DULServiceProvider):
         self._first = first
         self.max_dataset_bytes = max_dataset_bytes
         self._dataset_bytes = 0  # of the data set being received
+        self._command_bytes = 0  # of the command set being received
         self.on_dropped = on_dropped or (lambda reason, address: None)
 
     def _limit(self, pdu_type: int) -> int:
@@ -220,6 +223,8 @@ class GuardedDUL(DULServiceProvider):
                 self._abort(raw)
                 self.on_dropped(dropped.reason, str(address))
             sock.close()  # Evt17: the state machine ends the association
+            with contextlib.suppress(OSError):
+                raw.close()  # pynetdicom skips close() when shutdown() fails (a reset peer)
             return
         finally:
             if sock.socket is not None:
@@ -234,8 +239,15 @@ class GuardedDUL(DULServiceProvider):
         while offset + 6 <= len(body):
             (item,) = struct.unpack_from(">L", body, offset)
             control = body[offset + 5]
-            if not control & 0x01:  # a data-set fragment
-                self._dataset_bytes += max(0, item - 2)
+            fragment = max(0, min(item, len(body) - offset - 4) - 2)
+            if control & 0x01:  # a command fragment: a command set is a few hundred bytes
+                self._command_bytes += fragment
+                if self._command_bytes > MAX_COMMAND_SET:
+                    raise _Dropped("oversized-dataset", "command set over 1 MiB")
+                if control & 0x02:
+                    self._command_bytes = 0
+            else:  # a data-set fragment
+                self._dataset_bytes += fragment
                 if self._dataset_bytes > self.max_dataset_bytes:
                     raise _Dropped(
                         "oversized-dataset",
@@ -322,6 +334,7 @@ class GuardedServer(ThreadedAssociationServer):
         self._pending: Counter[str] = Counter()
         self._pending_lock = threading.Lock()
         self._first_pdus: dict[int, bytes] = {}
+        self._closing = False
         super().__init__(*args, request_handler=GuardedHandler, **kwargs)  # type: ignore[misc]
 
     def service_actions(self) -> None:
@@ -361,7 +374,23 @@ class GuardedServer(ThreadedAssociationServer):
         thread = threading.Thread(
             target=self._admit, args=(request, client_address), name=f"Gate@{host}", daemon=True
         )
-        thread.start()
+        try:
+            thread.start()
+        except RuntimeError:  # no thread to be had: give the slot back and close
+            self._release(host)
+            log.error("connection from %s closed at once: cannot start a thread", host)
+            self.gate.on_dropped("too-many-pending", host)
+            self.shutdown_request(request)
+
+    def _release(self, host: str) -> None:
+        with self._pending_lock:
+            self._pending[host] -= 1
+            if self._pending[host] <= 0:
+                del self._pending[host]
+
+    def shutdown(self) -> None:
+        self._closing = True  # connections still at the gate are not admitted any more
+        super().shutdown()
 
     def _admit(self, request: socket.socket, client_address: Any) -> None:
         host = str(client_address[0])
@@ -371,10 +400,10 @@ class GuardedServer(ThreadedAssociationServer):
             try:
                 if self.gate.tls is not None:
                     request.settimeout(self.gate.pre_association_timeout)
-                    sock = self.gate.tls.wrap_socket(
-                        request, server_side=True, do_handshake_on_connect=False
-                    )
                     try:
+                        sock = self.gate.tls.wrap_socket(
+                            request, server_side=True, do_handshake_on_connect=False
+                        )
                         sock.do_handshake()
                     except TimeoutError:
                         raise _Dropped("tls-timeout", "TLS handshake timed out") from None
@@ -394,23 +423,26 @@ class GuardedServer(ThreadedAssociationServer):
                         f"A-ASSOCIATE-RQ declares {length} bytes (at most {MAX_ASSOCIATE_RQ})",
                     )
                 body = _read_exact(sock, length, deadline, "A-ASSOCIATE-RQ")
+                if self._closing:
+                    raise _Dropped("closed-before-request", "the node is stopping")
             except _Dropped as dropped:
                 quiet = dropped.reason == "closed"
                 (log.info if quiet else log.warning)(
                     "connection from %s dropped before association: %s", host, dropped
                 )
+                self.shutdown_request(sock)
                 reason = "closed-before-request" if quiet else str(dropped.reason)
                 self.gate.on_dropped(reason, host)
+                return
+            except Exception:  # never let a gate thread die with the socket open
+                log.exception("connection from %s: gate failed; closed", host)
                 self.shutdown_request(sock)
                 return
         finally:
-            with self._pending_lock:
-                self._pending[host] -= 1
-                if self._pending[host] <= 0:
-                    del self._pending[host]
-        sock.settimeout(self.gate.network_timeout)
-        self._first_pdus[id(sock)] = header + body
+            self._release(host)
         try:
+            sock.settimeout(self.gate.network_timeout)
+            self._first_pdus[id(sock)] = header + body
             self.finish_request(sock, client_address)
         except Exception:
             self._first_pdus.pop(id(sock), None)

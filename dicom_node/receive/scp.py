@@ -57,7 +57,12 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 from dicom_node.audit import Audit, NullAudit
 from dicom_node.config import NodeConfig, PeerConfig
 from dicom_node.errors import StorageFullError, StoreError
-from dicom_node.receive.guard import GateSettings, GuardedServer, start_guarded_server
+from dicom_node.receive.guard import (
+    MAX_UNLIMITED_PDU,
+    GateSettings,
+    GuardedServer,
+    start_guarded_server,
+)
 from dicom_node.receive.validate import Refusal, check_deflate, check_image
 from dicom_node.tls import server_context
 
@@ -218,7 +223,9 @@ class StorageScp:
             self._allowed = _allowed_addresses(self.peers)
             ae = AE(ae_title=settings.ae_title)
             ae.maximum_associations = settings.max_associations
-            ae.maximum_pdu_size = settings.max_pdu
+            # 0 ("unlimited") advertises the largest PDU the guarded DUL reads (16 MiB), so a
+            # peer that follows what we told it is never aborted.
+            ae.maximum_pdu_size = settings.max_pdu or MAX_UNLIMITED_PDU
             ae.acse_timeout = settings.acse_timeout_s
             ae.dimse_timeout = settings.dimse_timeout_s
             ae.network_timeout = settings.network_timeout_s
@@ -441,7 +448,7 @@ class StorageScp:
 
     def _store(self, event: Event) -> int:
         calling = event.assoc.requestor.ae_title
-        affected = str(getattr(event.request, "AffectedSOPInstanceUID", ""))
+        affected = _loggable_uid(getattr(event.request, "AffectedSOPInstanceUID", ""))
         syntax = UID(str(event.context.transfer_syntax))
         raw = getattr(event.request, "DataSet", None)
         if syntax == DeflatedExplicitVRLittleEndian and raw is not None:
@@ -481,7 +488,7 @@ class StorageScp:
                 "context %s; answering 0x%04X",
                 affected,
                 calling,
-                sop_class_uid,
+                _loggable_uid(sop_class_uid),
                 abstract_syntax,
                 _SOP_CLASS_MISMATCH,
             )
@@ -490,7 +497,7 @@ class StorageScp:
                 _SOP_CLASS_MISMATCH,
                 "SOP class does not match the context",
                 affected_sop_instance_uid=affected,
-                sop_class_uid=sop_class_uid,
+                sop_class_uid=_loggable_uid(sop_class_uid),
             )
 
         invalid = [keyword for keyword, uid in uids.items() if not uid or not UID(uid).is_valid]
@@ -499,7 +506,7 @@ class StorageScp:
                 "C-STORE %r from %s: missing or invalid %s; answering 0x%04X",
                 affected,
                 calling,
-                ", ".join(f"{keyword} {uids[keyword]!r}" for keyword in invalid),
+                ", ".join(invalid),  # keywords only: the values are the peer's free text
                 _CANNOT_UNDERSTAND,
             )
             return self._refused(
@@ -513,7 +520,10 @@ class StorageScp:
         study_instance_uid = uids["StudyInstanceUID"]
         try:
             unreadable = check_image(
-                dataset, compressed=syntax.is_compressed, max_pixels=self.settings.max_image_pixels
+                dataset,
+                compressed=syntax.is_compressed,
+                max_pixels=self.settings.max_image_pixels,
+                codestream=syntax.is_compressed and syntax != RLELossless,
             )
         except Exception as error:  # an element that cannot even be read
             unreadable = Refusal(
@@ -607,6 +617,13 @@ class StorageScp:
             except Exception:
                 log.exception("on_stored callback failed for %s", sop_instance_uid, extra=context)
         return _SUCCESS
+
+
+def _loggable_uid(value: Any) -> str:
+    """A UID as it may be logged: a peer's invalid "UID" is free text that could be anything
+    (a patient name), so it is replaced by a placeholder."""
+    text = _text(value)
+    return text if text and UID(text).is_valid else "(invalid UID)"
 
 
 def _primitive(primitive: A_ASSOCIATE | None) -> A_ASSOCIATE:

@@ -81,6 +81,10 @@ def check_deflate(stream: BinaryIO, max_bytes: int) -> Refusal | None:
         stream.seek(position)
 
 
+# Every JPEG start-of-frame (huffman and arithmetic; not DHT C4, JPG C8, DAC CC) and JPEG-LS's.
+_START_OF_FRAME = frozenset([*range(0xC0, 0xD0)]) - {0xC4, 0xC8, 0xCC} | {0xF7}
+
+
 def _first_fragment(pixel_data: bytes) -> bytes:
     """The start of the first frame's first fragment of encapsulated Pixel Data (after the
     Basic Offset Table item), at most 64 KiB; empty when the items cannot be read."""
@@ -100,6 +104,9 @@ def codestream_size(pixel_data: bytes) -> tuple[int, int] | None:
     """(rows, columns) that a JPEG 2000 (SIZ), JPEG-LS (SOF55) or JPEG (SOFn) codestream in
     encapsulated Pixel Data declares; None when none is found."""
     data = _first_fragment(pixel_data)
+    box = data.find(b"jp2c")  # a JP2 file (not conformant in DICOM): its codestream box
+    if data[:2] != b"\xff\x4f" and box >= 0:
+        data = data[box + 4 :]
     siz = data.find(b"\xff\x51")
     if data[:2] == b"\xff\x4f" and siz >= 0 and len(data) >= siz + 22:
         width = int.from_bytes(data[siz + 6 : siz + 10], "big")
@@ -113,8 +120,11 @@ def codestream_size(pixel_data: bytes) -> tuple[int, int] | None:
             if data[i] != 0xFF:
                 return None
             marker = data[i + 1]
+            if marker == 0xFF:  # a fill byte
+                i += 1
+                continue
             length = int.from_bytes(data[i + 2 : i + 4], "big")
-            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xF7):
+            if marker in _START_OF_FRAME:
                 rows = int.from_bytes(data[i + 5 : i + 7], "big")
                 columns = int.from_bytes(data[i + 7 : i + 9], "big")
                 return rows, columns
@@ -130,8 +140,16 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def check_image(ds: Dataset, *, compressed: bool, max_pixels: int) -> Refusal | None:
-    """Refuse an image whose Image Pixel module the node cannot read, or one over its size."""
+def check_image(
+    ds: Dataset, *, compressed: bool, max_pixels: int, codestream: bool | None = None
+) -> Refusal | None:
+    """Refuse an image whose Image Pixel module the node cannot read, or one over its size.
+
+    ``codestream``: the transfer syntax carries a JPEG, JPEG-LS or JPEG 2000 codestream
+    whose declared size is checked (default: any compressed syntax but RLE and deflate)."""
+    if codestream is None:
+        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+        codestream = compressed and str(syntax or "") != "1.2.840.10008.1.2.5"
     if "PixelData" not in ds:
         return Refusal(DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data")
     values = {
@@ -168,9 +186,14 @@ def check_image(ds: Dataset, *, compressed: bool, max_pixels: int) -> Refusal | 
             f"{rows} x {columns} x {frames} frame(s) is over the node's "
             f"{max_pixels:,} pixels (node.max_image_pixels)",
         )
-    if compressed:
-        declared = codestream_size(bytes(ds.PixelData))
-        if declared is not None and declared != (rows, columns):
+    if codestream:
+        declared = codestream_size(bytes(ds.PixelData[: 1 << 20]))
+        if declared is None:
+            return Refusal(
+                DOES_NOT_MATCH_SOP_CLASS,
+                "the compressed image's size cannot be read from its codestream",
+            )
+        if declared != (rows, columns):
             return Refusal(
                 DOES_NOT_MATCH_SOP_CLASS,
                 f"the compressed image is {declared[0]} x {declared[1]}, "

@@ -30,7 +30,6 @@ from pynetdicom import AE, _config, build_context
 
 from dicom_node.audit import Audit, NullAudit
 from dicom_node.config import DestinationConfig, SendConfig
-from dicom_node.errors import DicomNodeError
 from dicom_node.store import OutboxItem, Spool
 from dicom_node.tls import client_context
 
@@ -61,7 +60,7 @@ class Failure(str):
 
 def classify(code: int) -> Failure | None:
     """None when the C-STORE status means delivered, else the failure it is."""
-    if code in _SUCCESS:
+    if code in _SUCCESS or (code & 0xF000) == 0xB000:  # every 0xBxxx is a warning: stored
         return None
     transient = (code & 0xFF00) == 0xA700 or code in _TRANSIENT
     return Failure(f"C-STORE status 0x{code:04X}", permanent=not transient)
@@ -87,7 +86,16 @@ def send_files(
     SOP class and transfer syntax, read from its file meta information.
     """
     _config.STORE_SEND_CHUNKED_DATASET = True  # only this sender sends C-STOREs in the node
-    metas = {path: read_file_meta_info(path) for path in paths}
+    results: dict[Path, str | None] = {}
+    metas = {}
+    for path in paths:
+        try:
+            metas[path] = read_file_meta_info(path)
+        except Exception as error:  # a damaged output file: it will never go
+            results[path] = Failure(f"cannot read {path.name}: {type(error).__name__}", True)
+    paths = [p for p in paths if p in metas]
+    if not paths:
+        return results
     contexts = {
         (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)) for meta in metas.values()
     }
@@ -95,7 +103,6 @@ def send_files(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     for sop_class, syntax in sorted(contexts):
         ae.requested_contexts.append(build_context(sop_class, [syntax]))
-    results: dict[Path, str | None] = {}
     tls_args = None
     if destination.tls is not None:
         context = client_context(destination.tls, f"destination {destination.key}")
@@ -105,13 +112,23 @@ def send_files(
     )
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
-        return {path: f"association with {destination.ae_title} {reason}" for path in paths}
+        return {
+            **results,
+            **{p: Failure(f"association with {destination.ae_title} {reason}") for p in paths},
+        }
     try:
         for path in paths:
             if not assoc.is_established:  # aborted: a DIMSE timeout, or the peer
                 results[path] = Failure(f"association with {destination.ae_title} aborted")
                 continue
-            status = assoc.send_c_store(path)
+            try:
+                status = assoc.send_c_store(path)
+            except ValueError as error:  # no accepted context for this SOP class / syntax
+                results[path] = Failure(f"the destination accepts no context: {error}", True)
+                continue
+            except Exception as error:  # an association that went away mid-call, ...
+                results[path] = Failure(f"send failed: {type(error).__name__}: {error}")
+                continue
             code = int(status.Status) if status and "Status" in status else None
             if code is None:
                 results[path] = Failure(
@@ -120,12 +137,12 @@ def send_files(
                 )
                 continue
             results[path] = classify(code)
-            if code in _WARNINGS:
+            if code != 0x0000 and results[path] is None:
                 log.warning(
                     "%s answered 0x%04X (%s) for %s: delivered",
                     destination.key,
                     code,
-                    _WARNINGS[code],
+                    _WARNINGS.get(code, "warning"),
                     path.name,
                 )
     finally:
@@ -211,8 +228,10 @@ class Sender:
                 results = self.transport(
                     destination, [i.path for i in items], self.calling_ae_title
                 )
-            except (OSError, ValueError, DicomNodeError, RuntimeError) as error:
-                results = {i.path: f"send failed: {error}" for i in items}
+            except Exception as error:  # whatever it is, the items back off and are retried
+                results = {
+                    i.path: Failure(f"send failed: {type(error).__name__}: {error}") for i in items
+                }
             if self.observe is not None:
                 per_item = (time.perf_counter() - started) / len(items)
                 for _ in items:

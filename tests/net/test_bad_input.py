@@ -274,5 +274,13 @@ def test_a_codestream_larger_than_its_header_is_refused_before_decoding(
     bomb.compress(syntax)
     bomb.PixelData = bytes(data)
     assert send(node.port, bomb, syntax) == 0xA900
+    # A codestream whose size cannot be read at all is refused the same way.
+    unreadable = image(dx_file)
+    unreadable.compress(syntax)
+    fragment = bytearray(unreadable.PixelData)
+    start = fragment.index(b"\xff\x4f" if syntax == JPEG2000Lossless else b"\xff\xd8")
+    fragment[start : start + 2] = b"\x00\x00"
+    unreadable.PixelData = bytes(fragment)
+    assert send(node.port, unreadable, syntax) == 0xA900
     assert sink.instances == {}
     assert send(node.port, ds, syntax) == 0x0000

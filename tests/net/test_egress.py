@@ -82,7 +82,8 @@ def drain(sender: Sender, spool: Spool, until: dict[str, int], seconds: float = 
 
 @pytest.mark.parametrize(
     ("code", "delivered"),
-    [(0x0000, True), (0xB000, True), (0xB006, True), (0xB007, True), (0x0111, True)]
+    [(0x0000, True), (0xB000, True), (0xB006, True), (0xB007, True), (0xB123, True)]
+    + [(0x0111, True)]
     + [(c, False) for c in (0xA700, 0xA7FF, 0x0110, 0x0213)]
     + [(c, False) for c in (0xA900, 0xA9FF, 0xC000, 0xC211, 0x0122, 0x0124)],
 )
