@@ -59,6 +59,7 @@ from monai.transforms import (
 )
 from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from torch import nn
 
@@ -133,14 +134,14 @@ class DisplayImage(Transform):
                 if frames > 1
                 else f"expected a single-frame greyscale image, got shape {array.shape}"
             )
-        values = apply_modality_lut(array, ds).astype(np.float32)
+        values = _modality_lut(array, ds)
         if not np.isfinite(values).all():
             raise ValueError(
                 "the modality LUT (Rescale Slope / Intercept) gives values that are not finite"
             )
         has_voi = "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds)
         if has_voi:
-            values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float32)
+            values = _voi_lut(values, ds)
             low, high = float(values.min()), float(values.max())
         else:
             step = self.subsample
@@ -149,10 +150,13 @@ class DisplayImage(Transform):
         if not (np.isfinite(low) and np.isfinite(high)):
             raise ValueError("the VOI LUT or window gives values that are not finite")
         span = max(high - low, 1e-6)
-        image = np.clip((values - low) / span, 0.0, 1.0)
+        image = values  # in place from here: a 100 MP image is 400 MB per float32 copy
+        image -= low
+        image /= span
+        np.clip(image, 0.0, 1.0, out=image)
         if ds.get("PhotometricInterpretation", "MONOCHROME2") == "MONOCHROME1":
-            image = 1.0 - image
-        return image.astype(np.float32)
+            np.subtract(1.0, image, out=image)
+        return image
 
 
 # --- 2. region of interest ---------------------------------------------------------------------
@@ -565,6 +569,46 @@ def preprocessing_record(
 # --- the node's calls, and the steps as functions ----------------------------------------------
 
 _DISPLAY = DisplayImage()
+
+
+def _first(value: Any) -> float:
+    """The first of a multi-valued DS (several windows), as a float."""
+    if isinstance(value, MultiValue | list | tuple):
+        value = value[0]
+    return float(value)
+
+
+def _modality_lut(array: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The modality LUT in float32 (a new array). pydicom's works in float64: twice the memory
+    of a 100 MP image for nothing the display needs."""
+    if "ModalityLUTSequence" in ds:
+        return np.asarray(apply_modality_lut(array, ds), dtype=np.float32)
+    values = array.astype(np.float32)
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    if slope != 1.0:
+        values *= np.float32(slope)
+    if intercept != 0.0:
+        values += np.float32(intercept)
+    return values
+
+
+def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray:
+    """The first window (PS3.3 C.11.2.1.2.1, LINEAR), in float32 and in place, onto [0, 1];
+    a VOI LUT sequence or another VOI LUT Function goes through pydicom."""
+    function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").upper()
+    if "VOILUTSequence" in ds or function != "LINEAR":
+        return np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float32)
+    centre, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+    if not (np.isfinite(centre) and np.isfinite(width)):
+        raise ValueError("the window (Window Center / Width) is not finite")
+    if width <= 1.0:  # a threshold at the centre
+        return (values > centre - 0.5).astype(np.float32)
+    values -= np.float32(centre - 0.5)
+    values /= np.float32(width - 1.0)
+    values += np.float32(0.5)
+    np.clip(values, 0.0, 1.0, out=values)
+    return values
 
 
 def _without_modality_lut(ds: Dataset) -> Dataset:
