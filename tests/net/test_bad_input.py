@@ -284,3 +284,29 @@ def test_a_codestream_larger_than_its_header_is_refused_before_decoding(
     assert send(node.port, unreadable, syntax) == 0xA900
     assert sink.instances == {}
     assert send(node.port, ds, syntax) == 0x0000
+
+
+@pytest.mark.parametrize("calling", ["../../x", "/etc/x", "..", "a/../../b"])
+def test_calling_ae_titles_that_look_like_paths_write_nothing_outside_the_spool(
+    tmp_path: Path, dx_file: Path, calling: str
+) -> None:
+    """The AE title is logged and audited, never a path: the instance lands in the spool."""
+    from dicom_node.config import NodeConfig
+    from dicom_node.store import Spool
+
+    root = tmp_path / "node"
+    spool = Spool(root / "spool")
+    scp = StorageScp(NodeConfig(host="127.0.0.1", port=0), spool)
+    scp.start()
+    try:
+        with association(scp.port, dx_contexts(), ae_title=calling) as assoc:
+            assert assoc.is_established
+            ds = image(dx_file)
+            assert int(assoc.send_c_store(ds).Status) == 0x0000
+        [stored] = spool.unrouted()
+        assert stored.path.resolve().is_relative_to((root / "spool").resolve())
+        outside = [p for p in tmp_path.rglob("*") if not p.is_relative_to(root)]
+        assert outside == []
+    finally:
+        scp.stop()
+        spool.close()
