@@ -30,6 +30,7 @@ from pynetdicom import AE, StoragePresentationContexts
 
 from tests.conftest import make_set
 from tests.factories import RecordingPacs, free_port, manifest_rows, referenced_instances, wait_for
+from tests.net.test_node_service import knee_only
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -136,11 +137,7 @@ def test_sigkill_during_a_burst_loses_nothing(tmp_path: Path) -> None:
         ],
         "spool": {"directory": str(tmp_path / "spool"), "min_free_mb": 10},
         "assembly": {"stable_after_s": 3},
-        "tasks": {
-            "knee": {"bundle": str(ROOT / "weights" / "knee")},
-            "hip": {"bundle": "x", "enabled": False},
-            "spine": {"bundle": "x", "enabled": False},
-        },
+        "tasks": knee_only(),
         "routing": {"image_check": "off"},
         "inference": {"device": "cpu"},
         "send": {"backoff_initial_s": 0.5, "backoff_max_s": 2, "max_attempts": 50},

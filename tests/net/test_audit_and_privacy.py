@@ -28,6 +28,7 @@ from tests.net.test_node_service import (  # noqa: F401  (fixtures)
     ROOT,
     _node_config,
     _send,
+    knee_only,
     pacs,
     start_node,
 )
@@ -73,11 +74,7 @@ def test_no_patient_identifier_in_logs_metrics_or_audit_and_the_audit_says_what_
     caplog: pytest.LogCaptureFixture,
     level: int,
 ) -> None:
-    tasks = {
-        "knee": {"bundle": str(ROOT / "weights" / "knee")},
-        "hip": {"bundle": "x", "enabled": False},
-        "spine": {"bundle": "x", "enabled": False},
-    }
+    tasks = knee_only()
     config = _node_config(tmp_path, pacs, tasks)
     config["audit"] = {"file": str(tmp_path / "audit.jsonl")}
     caplog.set_level(level)  # the root logger: the node's and pynetdicom's records
@@ -153,11 +150,7 @@ def test_no_patient_identifier_in_logs_metrics_or_audit_and_the_audit_says_what_
 def test_a_configuration_change_is_audited(
     tmp_path: Path, pacs: RecordingPacs, start_node: Callable[..., Service]
 ) -> None:
-    tasks = {
-        "knee": {"bundle": str(ROOT / "weights" / "knee")},
-        "hip": {"bundle": "x", "enabled": False},
-        "spine": {"bundle": "x", "enabled": False},
-    }
+    tasks = knee_only()
     config = _node_config(tmp_path, pacs, tasks)
     config["routing"] = {"image_check": "off"}
     start_node(config).stop()

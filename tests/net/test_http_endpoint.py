@@ -16,6 +16,7 @@ from tests.factories import RecordingPacs, free_port
 from tests.net.test_node_service import (  # noqa: F401  (fixtures)
     ROOT,
     _node_config,
+    knee_only,
     pacs,
     start_node,
 )
@@ -32,11 +33,7 @@ def get(port: int, path: str) -> tuple[int, str]:
 def test_health_readiness_and_metrics(
     tmp_path: Path, pacs: RecordingPacs, start_node: Callable[..., Service]
 ) -> None:
-    tasks = {
-        "knee": {"bundle": str(ROOT / "weights" / "knee")},
-        "hip": {"bundle": "x", "enabled": False},
-        "spine": {"bundle": "x", "enabled": False},
-    }
+    tasks = knee_only()
     config = _node_config(tmp_path, pacs, tasks)
     config["node"]["http_port"] = free_port()
     config["routing"] = {"image_check": "off"}

@@ -11,8 +11,8 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from io import BytesIO
 from pathlib import Path
 
@@ -21,7 +21,6 @@ import pytest
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
@@ -32,6 +31,7 @@ from tests.factories import MemorySink
 from tests.net.test_scp import (  # noqa: F401  (fixtures)
     SCU_AE_TITLE,
     VERIFICATION,
+    association,
     dx_contexts,
     dx_file,
     phantoms,
@@ -73,21 +73,10 @@ def closed_by_peer(sock: socket.socket, timeout_s: float) -> bool:
         return False
 
 
-@contextmanager
 def peer_association(
     port: int, source: str = PEER, contexts: list | None = None
-) -> Iterator[Association]:
-    ae = AE(ae_title=SCU_AE_TITLE)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
-    for abstract_syntax, syntaxes in contexts or ECHO:
-        ae.add_requested_context(abstract_syntax, list(syntaxes))
-    assoc = ae.associate("127.0.0.1", port, ae_title="ORTHONODE", bind_address=(source, 0))
-    try:
-        yield assoc
-    finally:
-        if assoc.is_established:
-            assoc.release()
-        ae.shutdown()
+) -> AbstractContextManager[Association]:
+    return association(port, contexts or ECHO, source=source)
 
 
 def echo_seconds(port: int, source: str = PEER) -> float:

@@ -37,6 +37,15 @@ from tests.factories import (
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def knee_only(bundle: Path = ROOT / "weights" / "knee") -> dict[str, Any]:
+    """The ``tasks:`` of a node that serves the knee alone (hip and spine disabled)."""
+    return {
+        "knee": {"bundle": str(bundle)},
+        "hip": {"bundle": "x", "enabled": False},
+        "spine": {"bundle": "x", "enabled": False},
+    }
+
+
 @pytest.fixture
 def pacs() -> Iterator[RecordingPacs]:
     recorder = RecordingPacs()
@@ -96,11 +105,7 @@ def test_a_late_instance_is_always_analysed(
 ) -> None:
     """Every acknowledged instance is referenced by the newest SR of its study."""
     folder = make_set(tmp_path, "knee", task="knee", patients=len(LATE_DELAYS_S), seed=21)
-    tasks = {
-        "knee": {"bundle": str(ROOT / "weights" / "knee")},
-        "hip": {"bundle": "x", "enabled": False},
-        "spine": {"bundle": "x", "enabled": False},
-    }
+    tasks = knee_only()
     service = start_node(_node_config(tmp_path, pacs, tasks))
     studies: dict[str, set[str]] = {}
     rows = manifest_rows(folder)

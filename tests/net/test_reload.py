@@ -25,6 +25,7 @@ from tests.net.test_node_service import (  # noqa: F401  (fixtures)
     ROOT,
     _node_config,
     _send,
+    knee_only,
     pacs,
     start_node,
 )
@@ -56,11 +57,7 @@ def test_reload_uses_the_new_version_and_refuses_a_bad_bundle(
 ) -> None:
     bundle = tmp_path / "knee"
     shutil.copytree(ROOT / "weights" / "knee", bundle)
-    tasks = {
-        "knee": {"bundle": str(bundle)},
-        "hip": {"bundle": "x", "enabled": False},
-        "spine": {"bundle": "x", "enabled": False},
-    }
+    tasks = knee_only(bundle)
     config = _node_config(tmp_path, pacs, tasks)
     config["routing"] = {"image_check": "off"}
     config["assembly"] = {"stable_after_s": 1}

@@ -105,13 +105,16 @@ def association(
     contexts: Sequence[tuple[str, Sequence[str]]],
     ae_title: str = SCU_AE_TITLE,
     called_ae_title: str = "ORTHONODE",
+    source: str | None = None,
 ) -> Iterator[Association]:
-    """An association from a pynetdicom SCU, released (or aborted) on exit."""
+    """An association from a pynetdicom SCU (from the address ``source`` when given), released
+    (or aborted) on exit."""
     ae = AE(ae_title=ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
     for abstract_syntax, transfer_syntaxes in contexts:
         ae.add_requested_context(abstract_syntax, list(transfer_syntaxes))
-    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae_title)
+    bind = {"bind_address": (source, 0)} if source is not None else {}
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae_title, **bind)
     try:
         yield assoc
     finally:
