@@ -97,14 +97,11 @@ class TlsConfig(_Model):
         return self
 
     def resolved(self, root: Path) -> TlsConfig:
-        def absolute(p: Path | None) -> Path | None:
-            return p if p is None or p.is_absolute() else root / p
-
         return self.model_copy(
             update={
-                "certificate": absolute(self.certificate),
-                "private_key": absolute(self.private_key),
-                "ca_certificates": absolute(self.ca_certificates),
+                "certificate": _absolute(self.certificate, root),
+                "private_key": _absolute(self.private_key, root),
+                "ca_certificates": _absolute(self.ca_certificates, root),
             }
         )
 
@@ -433,6 +430,11 @@ def load_config(path: Path | None, base: Path | None = None) -> Config:
     return _resolve(config, root)
 
 
+def _absolute(p: Path | None, root: Path) -> Path | None:
+    """An optional configured path, read from conf.yaml's folder (``root``) when relative."""
+    return p if p is None or p.is_absolute() else root / p
+
+
 def _resolve(config: Config, root: Path) -> Config:
     def absolute(p: Path) -> Path:
         return p if p.is_absolute() else (root / p)
@@ -452,9 +454,8 @@ def _resolve(config: Config, root: Path) -> Config:
         d if d.tls is None else d.model_copy(update={"tls": d.tls.resolved(root)})
         for d in config.destinations
     ]
-    audit = config.audit.model_copy(
-        update={"file": absolute(config.audit.file or spool.directory / "audit.jsonl")}
-    )
+    # Its default (audit.jsonl in the spool) is open_audit's, for resolved and raw configs alike.
+    audit = config.audit.model_copy(update={"file": _absolute(config.audit.file, root)})
     return config.model_copy(
         update={
             "audit": audit,

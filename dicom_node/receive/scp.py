@@ -520,10 +520,7 @@ class StorageScp:
         study_instance_uid = uids["StudyInstanceUID"]
         try:
             unreadable = check_image(
-                dataset,
-                compressed=syntax.is_compressed,
-                max_pixels=self.settings.max_image_pixels,
-                codestream=syntax.is_compressed and syntax != RLELossless,
+                dataset, syntax=syntax, max_pixels=self.settings.max_image_pixels
             )
         except Exception as error:  # an element that cannot even be read
             unreadable = Refusal(

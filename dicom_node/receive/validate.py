@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, RLELossless
 
 __all__ = ["Refusal", "check_deflate", "check_image", "codestream_size"]
 
@@ -140,16 +141,14 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def check_image(
-    ds: Dataset, *, compressed: bool, max_pixels: int, codestream: bool | None = None
-) -> Refusal | None:
+def check_image(ds: Dataset, *, syntax: UID, max_pixels: int) -> Refusal | None:
     """Refuse an image whose Image Pixel module the node cannot read, or one over its size.
 
-    ``codestream``: the transfer syntax carries a JPEG, JPEG-LS or JPEG 2000 codestream
-    whose declared size is checked (default: any compressed syntax but RLE and deflate)."""
-    if codestream is None:
-        syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-        codestream = compressed and str(syntax or "") != "1.2.840.10008.1.2.5"
+    ``syntax`` is the transfer syntax the data set came in: native pixel data must hold every
+    frame; a JPEG, JPEG-LS or JPEG 2000 codestream (any compressed syntax but RLE) must
+    declare the size that Rows and Columns say."""
+    compressed = syntax.is_compressed
+    codestream = compressed and syntax != RLELossless
     if "PixelData" not in ds:
         return Refusal(DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data")
     values = {

@@ -43,8 +43,7 @@ def ingest(data: bytes) -> str:
     """What the node does with bytes received as a data set: the outcome's name."""
     try:
         ds = pydicom.dcmread(BytesIO(data), force=True)
-        compressed = ds.file_meta.TransferSyntaxUID.is_compressed
-        refusal = check_image(ds, compressed=compressed, max_pixels=4_000_000)
+        refusal = check_image(ds, syntax=ds.file_meta.TransferSyntaxUID, max_pixels=4_000_000)
     except Exception:
         return "undecodable"  # the SCP answers 0xC210
     if refusal is not None:
