@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 from pydicom.uid import (
     JPEG2000,
@@ -56,14 +56,23 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicom_node.audit import Audit, NullAudit
 from dicom_node.config import NodeConfig, PeerConfig
-from dicom_node.errors import StorageFullError, StoreError
 from dicom_node.receive.guard import (
     MAX_UNLIMITED_PDU,
     GateSettings,
     GuardedServer,
     start_guarded_server,
 )
-from dicom_node.receive.validate import Refusal, check_deflate, check_image
+from dicom_node.receive.ingest import (
+    CANNOT_UNDERSTAND,
+    SOP_CLASS_MISMATCH,
+    UNABLE_TO_PROCESS,
+    Ingest,
+    InstanceSink,
+    Source,
+    loggable_uid,
+    uid_text,
+)
+from dicom_node.receive.validate import check_deflate
 from dicom_node.tls import server_context
 
 __all__ = [
@@ -102,13 +111,6 @@ TRANSFER_SYNTAXES: tuple[str, ...] = (
 )
 """Transfer syntaxes accepted for storage; any other (big endian, video...) is refused."""
 
-# C-STORE statuses (PS3.4 B.2.3); 0xC211 is pynetdicom's own "unable to process" code.
-_SUCCESS = 0x0000
-_OUT_OF_RESOURCES = 0xA700
-_SOP_CLASS_MISMATCH = 0xA900
-_CANNOT_UNDERSTAND = 0xC210
-_UNABLE_TO_PROCESS = 0xC211
-
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): rejected-permanent by the service user; rejected-transient
 # by the service provider (presentation related function), local limit exceeded.
 _REJECTED_PERMANENT = 0x01
@@ -121,33 +123,9 @@ _CALLED_AE_NOT_RECOGNISED = 0x07
 
 _VERIFICATION = "1.2.840.10008.1.1"
 
-_IDENTIFYING_UIDS = ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-
 # pynetdicom logs query identifiers (patient names and IDs) at DEBUG unless told not to.
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
-
-
-class InstanceSink(Protocol):
-    """Where received instances go (the spool)."""
-
-    def store(
-        self,
-        encoded: bytes,
-        *,
-        sop_class_uid: str,
-        sop_instance_uid: str,
-        study_instance_uid: str,
-        series_instance_uid: str,
-        calling_ae_title: str,
-    ) -> bool:
-        """Durably store a DICOM file (preamble, file meta and data set).
-
-        Returns True when the instance is new, False when its SOP Instance UID was already
-        stored. Raises ``StorageFullError`` when it cannot be kept, ``StoreError`` on any
-        other storage failure.
-        """
-        ...
 
 
 class StorageScp:
@@ -193,8 +171,12 @@ class StorageScp:
     ) -> None:
         self.settings = settings
         self.peers = tuple(peers)
-        self._sink = sink
-        self._on_stored = on_stored
+        self._ingest = Ingest(
+            sink,
+            max_image_pixels=settings.max_image_pixels,
+            audit=audit,
+            on_stored=on_stored,
+        )
         self._on_association = on_association or (lambda result, reason: None)
         self._on_dropped = on_dropped or (lambda reason: None)
         self._audit: Audit = audit or NullAudit()
@@ -292,17 +274,13 @@ class StorageScp:
         self._on_dropped(reason)
         self._audit.record("connection-dropped", reason=reason, address=address)
 
+    @staticmethod
+    def _source(event: Event) -> Source:
+        return Source("C-STORE", str(event.assoc.requestor.ae_title), event.assoc.requestor.address)
+
     def _refused(self, event: Event, status: int, reason: str, **uids: str) -> int:
         """Audit a C-STORE answered with a failure status, and return the status."""
-        self._audit.record(
-            "instance-refused",
-            status=f"0x{status:04X}",
-            reason=reason,
-            calling_ae=str(event.assoc.requestor.ae_title).strip(),
-            address=event.assoc.requestor.address,
-            **uids,
-        )
-        return status
+        return self._ingest.refuse(self._source(event), status, reason, **uids).status
 
     def _handle_requested(self, event: Event) -> None:
         assoc = event.assoc
@@ -438,7 +416,7 @@ class StorageScp:
 
     def _handle_store(self, event: Event) -> int:
         started = time.perf_counter()
-        status = _UNABLE_TO_PROCESS
+        status = UNABLE_TO_PROCESS
         try:
             status = self._store(event)
             return status
@@ -448,7 +426,7 @@ class StorageScp:
 
     def _store(self, event: Event) -> int:
         calling = event.assoc.requestor.ae_title
-        affected = _loggable_uid(getattr(event.request, "AffectedSOPInstanceUID", ""))
+        affected = loggable_uid(getattr(event.request, "AffectedSOPInstanceUID", ""))
         syntax = UID(str(event.context.transfer_syntax))
         raw = getattr(event.request, "DataSet", None)
         if syntax == DeflatedExplicitVRLittleEndian and raw is not None:
@@ -466,8 +444,7 @@ class StorageScp:
                 )
         try:
             dataset = event.dataset
-            sop_class_uid = _text(dataset.get("SOPClassUID"))
-            uids = {keyword: _text(dataset.get(keyword)) for keyword in _IDENTIFYING_UIDS}
+            sop_class_uid = uid_text(dataset.get("SOPClassUID"))
         except Exception as error:
             # Not the message: a decoding error may quote element values.
             log.warning(
@@ -475,10 +452,10 @@ class StorageScp:
                 affected,
                 calling,
                 type(error).__name__,
-                _CANNOT_UNDERSTAND,
+                CANNOT_UNDERSTAND,
             )
             return self._refused(
-                event, _CANNOT_UNDERSTAND, "undecodable", affected_sop_instance_uid=affected
+                event, CANNOT_UNDERSTAND, "undecodable", affected_sop_instance_uid=affected
             )
 
         abstract_syntax = str(event.context.abstract_syntax)
@@ -488,150 +465,31 @@ class StorageScp:
                 "context %s; answering 0x%04X",
                 affected,
                 calling,
-                _loggable_uid(sop_class_uid),
+                loggable_uid(sop_class_uid),
                 abstract_syntax,
-                _SOP_CLASS_MISMATCH,
+                SOP_CLASS_MISMATCH,
             )
             return self._refused(
                 event,
-                _SOP_CLASS_MISMATCH,
+                SOP_CLASS_MISMATCH,
                 "SOP class does not match the context",
                 affected_sop_instance_uid=affected,
-                sop_class_uid=_loggable_uid(sop_class_uid),
+                sop_class_uid=loggable_uid(sop_class_uid),
             )
 
-        invalid = [keyword for keyword, uid in uids.items() if not uid or not UID(uid).is_valid]
-        if invalid:
-            log.warning(
-                "C-STORE %r from %s: missing or invalid %s; answering 0x%04X",
-                affected,
-                calling,
-                ", ".join(invalid),  # keywords only: the values are the peer's free text
-                _CANNOT_UNDERSTAND,
-            )
-            return self._refused(
-                event,
-                _CANNOT_UNDERSTAND,
-                "missing or invalid UIDs",
-                affected_sop_instance_uid=affected,
-            )
-
-        sop_instance_uid = uids["SOPInstanceUID"]
-        study_instance_uid = uids["StudyInstanceUID"]
-        try:
-            unreadable = check_image(
-                dataset, syntax=syntax, max_pixels=self.settings.max_image_pixels
-            )
-        except Exception as error:  # an element that cannot even be read
-            unreadable = Refusal(
-                _CANNOT_UNDERSTAND, f"image attributes unreadable ({type(error).__name__})"
-            )
-        if unreadable is not None:
-            log.warning(
-                "C-STORE %s from %s: %s; answering 0x%04X",
-                sop_instance_uid,
-                calling,
-                unreadable.reason,
-                unreadable.status,
-            )
-            return self._refused(
-                event,
-                unreadable.status,
-                unreadable.reason,
-                sop_instance_uid=sop_instance_uid,
-                study_instance_uid=study_instance_uid,
-            )
-        context = {
-            "sop_instance_uid": sop_instance_uid,
-            "study_instance_uid": study_instance_uid,
-            "calling_ae_title": calling,
-        }
-        try:
-            is_new = self._sink.store(
-                event.encoded_dataset(include_meta=True),
-                sop_class_uid=sop_class_uid,
-                sop_instance_uid=sop_instance_uid,
-                study_instance_uid=study_instance_uid,
-                series_instance_uid=uids["SeriesInstanceUID"],
-                calling_ae_title=calling,
-            )
-        except StoreError as error:
-            kind = "storage full" if isinstance(error, StorageFullError) else "store failed"
-            log.error(
-                "C-STORE %s from %s: %s (%s); answering 0x%04X",
-                sop_instance_uid,
-                calling,
-                kind,
-                error,
-                _OUT_OF_RESOURCES,
-                extra=context,
-            )
-            return self._refused(
-                event,
-                _OUT_OF_RESOURCES,
-                kind,
-                sop_instance_uid=sop_instance_uid,
-                study_instance_uid=study_instance_uid,
-            )
-        except Exception:
-            log.exception(
-                "C-STORE %s from %s: unexpected sink error; answering 0x%04X",
-                sop_instance_uid,
-                calling,
-                _UNABLE_TO_PROCESS,
-                extra=context,
-            )
-            return self._refused(
-                event,
-                _UNABLE_TO_PROCESS,
-                "store failed",
-                sop_instance_uid=sop_instance_uid,
-                study_instance_uid=study_instance_uid,
-            )
-
-        self._audit.record(
-            "instance-stored",
-            sop_instance_uid=sop_instance_uid,
-            study_instance_uid=study_instance_uid,
-            sop_class_uid=sop_class_uid,
-            calling_ae=str(calling).strip(),
-            address=event.assoc.requestor.address,
-            duplicate=not is_new,
+        outcome = self._ingest.accept(
+            dataset,
+            lambda: bytes(event.encoded_dataset(include_meta=True)),
+            syntax=syntax,
+            source=self._source(event),
         )
-        if not is_new:
-            log.info("C-STORE %s from %s: already stored", sop_instance_uid, calling, extra=context)
-            return _SUCCESS
-        log.info(
-            "stored %s (study %s) from %s",
-            sop_instance_uid,
-            study_instance_uid,
-            calling,
-            extra=context,
-        )
-        if self._on_stored is not None:
-            try:
-                self._on_stored(study_instance_uid, sop_instance_uid)
-            except Exception:
-                log.exception("on_stored callback failed for %s", sop_instance_uid, extra=context)
-        return _SUCCESS
-
-
-def _loggable_uid(value: Any) -> str:
-    """A UID as it may be logged: a peer's invalid "UID" is free text that could be anything
-    (a patient name), so it is replaced by a placeholder."""
-    text = _text(value)
-    return text if text and UID(text).is_valid else "(invalid UID)"
+        return outcome.status
 
 
 def _primitive(primitive: A_ASSOCIATE | None) -> A_ASSOCIATE:
     if primitive is None:  # pynetdicom sets both before the association events fire
         raise RuntimeError("association event without its A-ASSOCIATE primitive")
     return primitive
-
-
-def _text(value: Any) -> str:
-    """A UID element's value as a stripped string ('' when absent)."""
-    return "" if value is None else str(value).strip()
 
 
 def _normalise_address(address: str) -> str:
