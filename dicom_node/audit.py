@@ -15,12 +15,16 @@ AE title):
 ``instance-stored`` / ``instance-refused``
     ``sop_instance_uid``, ``study_instance_uid``, ``sop_class_uid``, ``calling_ae``, ``address``,
     ``duplicate`` (already stored: answered success, nothing rewritten), or the ``status`` and
-    ``reason`` of a refusal.
+    ``reason`` of a refusal; ``protocol`` C-STORE or STOW-RS (for STOW-RS, ``calling_ae`` is the
+    bearer token's name, or ``local``).
 ``output-sent`` / ``output-failed``
     ``file`` (the output's SOP Instance UID file name), ``study_instance_uid``,
     ``destination``, and for a failure ``error`` and ``dead_lettered``.
 ``replay``
     ``send --retry-dead``: ``count`` dead letters queued again.
+``requeue``
+    the status page's requeue: ``item`` (an outbox id, or ``all``), ``count``, ``by`` (the
+    token's name, or ``local``).
 
 The file (``audit.file``, default ``audit.jsonl`` in the spool) is rotated at
 ``audit.max_mb`` with ``audit.backups`` old files kept (``audit.jsonl.1`` is the newest). Only

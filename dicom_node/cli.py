@@ -97,6 +97,7 @@ def _reload(args: argparse.Namespace) -> int:
 
 def _echo(args: argparse.Namespace) -> int:
     target = parse_ae_address(args.address)
+    assert target.host is not None and target.ae_title is not None  # AE@host:port gives both
     ae = AE(ae_title=args.calling_ae)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
@@ -122,9 +123,25 @@ def _check_config(args: argparse.Namespace) -> int:
     config = _config(args)
     if config.node.tls is not None:
         server_context(config.node.tls)  # the certificate and key load, or ConfigError
+    if config.http.tls is not None:
+        server_context(config.http.tls)  # HTTPS: the same certificate checks
+    if config.http.tokens_file is not None:
+        from dicom_node.http import Tokens
+
+        try:
+            Tokens(config.http.tokens_file)
+        except OSError as error:
+            raise ConfigError(str(error)) from None
     for destination in config.destinations:
         if destination.tls is not None:
             client_context(destination.tls, f"destination {destination.key}")
+        if destination.type == "dicomweb":
+            from dicom_node.send.stow import CredentialError, credentials
+
+            try:
+                credentials(destination)
+            except CredentialError as error:
+                raise ConfigError(f"destination {destination.key}: {error}") from None
     tls = " (DICOM TLS)" if config.node.tls is not None else ""
     sys.stdout.write(
         f"configuration OK: AE title {config.node.ae_title}, port {config.node.port}{tls}, "

@@ -28,6 +28,7 @@ __all__ = [
     "AuditConfig",
     "Config",
     "DestinationConfig",
+    "HttpConfig",
     "InferenceConfig",
     "NodeConfig",
     "PeerConfig",
@@ -107,26 +108,93 @@ class TlsConfig(_Model):
 
 
 class DestinationConfig(_Model):
-    """Where results are sent (C-STORE SCU)."""
+    """Where results are sent: a C-STORE SCP (``type: dimse``, the default) or a DICOMweb
+    STOW-RS service (``type: dicomweb``). Secrets (a bearer token, a password) are read from a
+    file or an environment variable, never written in conf.yaml."""
 
+    type: Literal["dimse", "dicomweb"] = Field(
+        default="dimse", description="dimse: C-STORE; dicomweb: STOW-RS"
+    )
     name: str = Field(default="", description="a name for logs and metrics")
-    ae_title: str = Field(description="the destination's AE title (the PACS)")
-    host: str = Field(description="its host name or address")
-    port: int = Field(default=104, ge=1, le=65535, description="its DICOM port")
-    tls: TlsConfig | None = Field(default=None, description="send over DICOM TLS")
+    ae_title: str | None = Field(default=None, description="dimse: the destination's AE title")
+    host: str | None = Field(default=None, description="dimse: its host name or address")
+    port: int = Field(default=104, ge=1, le=65535, description="dimse: its DICOM port")
+    url: str | None = Field(
+        default=None,
+        description="dicomweb: the service's base URL (e.g. http://orthanc:8042/dicom-web); "
+        "instances are POSTed to {url}/studies",
+    )
+    token_file: Path | None = Field(default=None, description="dicomweb: bearer token, a file")
+    token_env: str | None = Field(
+        default=None, description="dicomweb: bearer token, the name of an environment variable"
+    )
+    username: str | None = Field(default=None, description="dicomweb: HTTP basic auth user")
+    password_env: str | None = Field(
+        default=None, description="dicomweb: the environment variable holding the password"
+    )
+    timeout_s: float = Field(default=60.0, gt=0, description="dicomweb: per request")
+    tls: TlsConfig | None = Field(
+        default=None,
+        description="dimse: send over DICOM TLS; dicomweb: the CAs to trust (ca_certificates) "
+        "and a client certificate for https:// URLs",
+    )
 
-    _ae = field_validator("ae_title")(_check_ae_title)
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
 
     @model_validator(mode="after")
-    def _tls_is_a_client(self) -> DestinationConfig:
+    def _complete(self) -> DestinationConfig:
         if self.tls is not None and self.tls.require_client_certificate:
             raise ValueError("tls.require_client_certificate is a node setting")
+        if self.type == "dimse":
+            if self.ae_title is None or self.host is None:
+                raise ValueError("a dimse destination needs ae_title and host (and port)")
+            if self.url is not None:
+                raise ValueError("url is for type: dicomweb destinations")
+        else:
+            if not self.url or not re.match(r"^https?://[^/\s]+", self.url):
+                raise ValueError(
+                    "a dicomweb destination needs url: http(s)://host[:port]/path "
+                    "(e.g. http://orthanc:8042/dicom-web)"
+                )
+            if self.token_file is not None and self.token_env is not None:
+                raise ValueError("give token_file or token_env, not both")
+            if (self.token_file or self.token_env) and self.username:
+                raise ValueError("give a bearer token or a username, not both")
+            if self.password_env and not self.username:
+                raise ValueError("password_env needs username")
         return self
 
     @property
     def key(self) -> str:
-        """How the outbound queue names this destination: ``name``, else the AE title."""
-        return self.name or self.ae_title
+        """How the outbound queue names this destination: ``name``, else the AE title or URL."""
+        return self.name or self.ae_title or self.url or ""
+
+
+class HttpConfig(_Model):
+    """The HTTP port's services beyond /metrics: STOW-RS, the status page and its actions."""
+
+    tokens_file: Path | None = Field(
+        default=None,
+        description="bearer tokens for STOW-RS and the status page's actions, one per line as "
+        "`name token` or `token` (ORTHONODE_HTTP_TOKENS adds comma-separated ones); with none, "
+        "only clients on this host (loopback) may write",
+    )
+    tls: TlsConfig | None = Field(
+        default=None, description="serve HTTPS (certificate and private_key) on node.http_port"
+    )
+    max_upload_mb: int = Field(
+        default=2048, ge=1, description="largest STOW-RS request body; larger ones get 413"
+    )
+    recent_studies: int = Field(default=25, ge=1, le=500, description="on the status page")
+
+    @model_validator(mode="after")
+    def _server_side(self) -> HttpConfig:
+        if self.tls is not None and (self.tls.certificate is None or self.tls.private_key is None):
+            raise ValueError("http.tls needs certificate and private_key")
+        return self
 
 
 class NodeConfig(_Model):
@@ -333,6 +401,7 @@ class Config(BaseSettings):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     send: SendConfig = Field(default_factory=SendConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    http: HttpConfig = Field(default_factory=HttpConfig)
 
     @classmethod
     def settings_customise_sources(
@@ -451,9 +520,20 @@ def _resolve(config: Config, root: Path) -> Config:
     if node.tls is not None:
         node = node.model_copy(update={"tls": node.tls.resolved(root)})
     destinations = [
-        d if d.tls is None else d.model_copy(update={"tls": d.tls.resolved(root)})
+        d.model_copy(
+            update={
+                "tls": None if d.tls is None else d.tls.resolved(root),
+                "token_file": _absolute(d.token_file, root),
+            }
+        )
         for d in config.destinations
     ]
+    http = config.http.model_copy(
+        update={
+            "tokens_file": _absolute(config.http.tokens_file, root),
+            "tls": None if config.http.tls is None else config.http.tls.resolved(root),
+        }
+    )
     # Its default (audit.jsonl in the spool) is open_audit's, for resolved and raw configs alike.
     audit = config.audit.model_copy(update={"file": _absolute(config.audit.file, root)})
     return config.model_copy(
@@ -464,6 +544,7 @@ def _resolve(config: Config, root: Path) -> Config:
             "routing": routing,
             "node": node,
             "destinations": destinations,
+            "http": http,
         }
     )
 

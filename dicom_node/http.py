@@ -1,83 +1,246 @@
-"""The node's HTTP endpoint (``node.http_port``): ``/metrics`` for Prometheus, ``/healthz``
-(the process answers) and ``/readyz`` (it can take and process studies now).
+"""The node's HTTP port (``node.http_port``), a Starlette app served by uvicorn:
 
-``/readyz`` answers 200 with ``{"ready": true, "checks": {...}}`` when the models are loaded,
-the DICOM listener is up, the worker threads run, the spool is writable and its disk is above
-the reserve (``spool.min_free_mb``); otherwise 503 with each problem in one line, so that a
-load balancer or Kubernetes stops sending to it and an administrator sees why. Answers carry
-no patient data.
+* ``/metrics`` for Prometheus; ``/healthz`` (the process answers) and ``/readyz`` (it can take
+  and process studies now: models loaded, DICOM listener up, workers running, spool writable and
+  above its disk reserve; otherwise 503 with each problem in one line);
+* ``POST /dicomweb/studies`` and ``POST /dicomweb/studies/{StudyInstanceUID}``: STOW-RS
+  (:mod:`dicom_node.receive.dicomweb`);
+* ``/``: the status page for administrators, and its JSON (``/api/status``), each study's SR
+  as text and its Secondary Captures as thumbnails (:mod:`dicom_node.status`);
+  ``POST /api/dead-letters/{id}/requeue`` and ``POST /api/dead-letters/requeue``.
+
+Reading needs no token. Writing (STOW-RS, requeue) needs ``Authorization: Bearer <token>``
+with a token from ``http.tokens_file`` or ``ORTHONODE_HTTP_TOKENS``; when no token is
+configured, only clients on this host (loopback) may write. HTTPS with ``http.tls``. Answers
+carry UIDs, never patient data.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hmac
+import ipaddress
 import json
 import logging
+import os
+import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping
-from socketserver import ThreadingMixIn
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, make_wsgi_app
+import uvicorn
+from prometheus_client import CollectorRegistry, make_asgi_app
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Mount, Route
 
-__all__ = ["HttpEndpoint", "make_app"]
+from dicom_node.config import TlsConfig
+
+__all__ = ["HttpEndpoint", "Tokens", "make_app", "writer"]
 
 log = logging.getLogger(__name__)
 
 Checks = Callable[[], Mapping[str, list[str]]]
+TOKENS_ENV = "ORTHONODE_HTTP_TOKENS"
 
 
-def make_app(registry: CollectorRegistry, checks: Checks) -> Callable[..., Iterable[bytes]]:
-    """The WSGI application: /metrics, /healthz, /readyz; 404 for anything else."""
-    metrics = make_wsgi_app(registry)
+class Tokens:
+    """Bearer tokens allowed to write, by name.
 
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        path = environ.get("PATH_INFO", "")
-        if path == "/metrics":
-            return metrics(environ, start_response)
-        if path == "/healthz":
-            return _answer(start_response, "200 OK", {"alive": True})
-        if path == "/readyz":
+    ``tokens_file``: one token per line, ``name token`` or ``token`` alone (named
+    ``token-N``); blank lines and ``#`` comments are skipped. The file is read again when it
+    changes, so a token is added or revoked without a restart. ``ORTHONODE_HTTP_TOKENS``:
+    comma-separated tokens (named ``env-N``).
+    """
+
+    def __init__(self, tokens_file: Path | None = None, environ: Mapping[str, str] | None = None):
+        self._file = tokens_file
+        self._stamp: float | None = None
+        self._from_file: dict[str, str] = {}
+        env = (os.environ if environ is None else environ).get(TOKENS_ENV, "")
+        self._from_env = {
+            token.strip(): f"env-{n}"
+            for n, token in enumerate(env.split(","), start=1)
+            if token.strip()
+        }
+        self._lock = threading.Lock()
+        self._load()
+
+    def _load(self) -> None:
+        if self._file is None:
+            return
+        try:
+            stamp = self._file.stat().st_mtime
+        except OSError as error:
+            raise OSError(f"http.tokens_file {self._file}: {error.strerror}") from error
+        if stamp == self._stamp:
+            return
+        found = {}
+        for n, line in enumerate(self._file.read_text().splitlines(), start=1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            name, _, token = line.rpartition(" ")
+            found[token] = name.strip() or f"token-{n}"
+        self._from_file, self._stamp = found, stamp
+
+    @property
+    def configured(self) -> bool:
+        with self._lock:
+            return bool(self._from_env or self._from_file or self._file is not None)
+
+    def name(self, presented: str) -> str | None:
+        """The name of a presented token, or None when it is not one of ours."""
+        with self._lock:
             try:
-                found = {name: list(problems) for name, problems in checks().items()}
-            except Exception as error:  # a check that fails is itself a reason not to be ready
-                found = {"checks": [f"could not run: {type(error).__name__}"]}
-            ready = not any(found.values())
-            body = {"ready": ready, "checks": {k: v or "ok" for k, v in found.items()}}
-            return _answer(start_response, "200 OK" if ready else "503 Service Unavailable", body)
-        return _answer(start_response, "404 Not Found", {"error": f"no such path {path!r}"})
+                self._load()
+            except OSError as error:
+                log.error("%s; keeping the tokens read before", error)
+            found = None
+            for token, name in (*self._from_file.items(), *self._from_env.items()):
+                if hmac.compare_digest(token.encode(), presented.encode()):
+                    found = name
+            return found
 
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def writer(request: Request, tokens: Tokens) -> tuple[str | None, Response | None]:
+    """Who may write: (the sender's name, None), or (None, the 401/403 to answer)."""
+    header = request.headers.get("authorization", "")
+    scheme, _, presented = header.partition(" ")
+    if scheme.lower() == "bearer" and presented.strip():
+        name = tokens.name(presented.strip())
+        if name is not None:
+            return name, None
+        return None, _json(
+            401,
+            {"error": "the bearer token is not valid"},
+            {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    if not tokens.configured:
+        if _is_loopback(request.client.host if request.client else None):
+            return "local", None
+        return None, _json(
+            403,
+            {
+                "error": "no http.tokens_file is configured, so only this host may write; "
+                "configure tokens to send from elsewhere"
+            },
+        )
+    return None, _json(
+        401,
+        {"error": "send Authorization: Bearer <token> (http.tokens_file)"},
+        {"WWW-Authenticate": 'Bearer realm="orthonode"'},
+    )
+
+
+def _json(status: int, body: object, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(
+        json.dumps(body, indent=1) + "\n",
+        status_code=status,
+        media_type="application/json",
+        headers=dict(headers or {}),
+    )
+
+
+StowHandler = Callable[[Request, str, "str | None"], Awaitable[Response]]
+
+
+def make_app(
+    registry: CollectorRegistry,
+    checks: Checks,
+    *,
+    tokens: Tokens | None = None,
+    stow: StowHandler | None = None,
+    status: Any = None,
+) -> Starlette:
+    """The ASGI application. ``status`` is a :class:`dicom_node.status.StatusPage` (or None:
+    no status page)."""
+    tokens = tokens or Tokens()
+
+    async def healthz(request: Request) -> Response:
+        return _json(200, {"alive": True})
+
+    async def readyz(request: Request) -> Response:
+        try:
+            found = {name: list(problems) for name, problems in checks().items()}
+        except Exception as error:  # a check that fails is itself a reason not to be ready
+            found = {"checks": [f"could not run: {type(error).__name__}"]}
+        ready = not any(found.values())
+        body = {"ready": ready, "checks": {k: v or "ok" for k, v in found.items()}}
+        return _json(200 if ready else 503, body)
+
+    async def store(request: Request) -> Response:
+        if stow is None:
+            return _json(404, {"error": "STOW-RS is not enabled"})
+        sender, refusal = writer(request, tokens)
+        if refusal is not None:
+            return refusal
+        assert sender is not None
+        return await stow(request, sender, request.path_params.get("study"))
+
+    routes: list[Any] = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/dicomweb/studies", store, methods=["POST"]),
+        Route("/dicomweb/studies/{study}", store, methods=["POST"]),
+        Mount("/metrics", app=make_asgi_app(registry)),
+    ]
+    if status is not None:
+        routes += status.routes(lambda request: writer(request, tokens))
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return _json(404, {"error": f"no such path {request.url.path!r}"})
+
+    async def not_allowed(request: Request, exc: Exception) -> Response:
+        return _json(405, {"error": f"{request.method} is not allowed on {request.url.path!r}"})
+
+    app = Starlette(routes=routes, exception_handlers={404: not_found, 405: not_allowed})
     return app
 
 
-def _answer(start_response: Callable[..., Any], status: str, body: object) -> list[bytes]:
-    data = (json.dumps(body, indent=1) + "\n").encode()
-    start_response(
-        status, [("Content-Type", "application/json"), ("Content-Length", str(len(data)))]
-    )
-    return [data]
-
-
-class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True
-
-
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http: " + format, *args)
-
-
 class HttpEndpoint:
-    """The WSGI app served from a daemon thread; ``port`` 0 picks a free one."""
+    """The app served by uvicorn from a daemon thread; ``port`` 0 picks a free one."""
 
-    def __init__(self, host: str, port: int, app: Callable[..., Iterable[bytes]]) -> None:
-        self._server = make_server(host, port, app, _Server, handler_class=_QuietHandler)
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="orthonode-http", daemon=True
+    def __init__(self, host: str, port: int, app: Starlette, tls: TlsConfig | None = None) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.set_inheritable(True)
+        self.port = int(sock.getsockname()[1])
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_keep_alive=15,
+            ssl_certfile=str(tls.certificate) if tls and tls.certificate else None,
+            ssl_keyfile=str(tls.private_key) if tls and tls.private_key else None,
         )
+        self._server = uvicorn.Server(config)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, name="orthonode-http", daemon=True)
         self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"the HTTP port {host}:{port} did not start")
+            time.sleep(0.01)
+
+    def _serve(self) -> None:
+        asyncio.run(self._server.serve(sockets=[self._sock]))
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()

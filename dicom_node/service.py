@@ -25,15 +25,18 @@ from dicom_node.assemble import Assembler
 from dicom_node.audit import open_audit, record_start
 from dicom_node.config import Config
 from dicom_node.domain import InstanceRef
-from dicom_node.errors import BundleError
-from dicom_node.http import HttpEndpoint, make_app
+from dicom_node.errors import BundleError, ConfigError
+from dicom_node.http import HttpEndpoint, Tokens, make_app
 from dicom_node.infer import Predictor, select_device
 from dicom_node.metrics import Metrics
 from dicom_node.models.bundle import Bundle, load_bundles
 from dicom_node.pipeline import Pipeline
 from dicom_node.preprocess import display_image
 from dicom_node.receive import StorageScp
+from dicom_node.receive.dicomweb import StowRs
+from dicom_node.receive.ingest import Ingest
 from dicom_node.send import Sender
+from dicom_node.status import StatusPage
 from dicom_node.store import OutboxItem, Spool
 from dicom_node.tasks import TaskSpec
 
@@ -131,8 +134,33 @@ class Service:
         self.scp.start()
         self.http: HttpEndpoint | None = None
         if config.node.http_port:
+            stow = StowRs(
+                Ingest(
+                    self.spool,
+                    max_image_pixels=config.node.max_image_pixels,
+                    audit=self.audit,
+                    on_stored=self._on_stored,
+                ),
+                self.spool.root / "incoming",
+                max_upload_bytes=config.http.max_upload_mb * 2**20,
+                max_instance_bytes=config.node.max_dataset_mb * 2**20,
+                spool_problems=self.spool.health,
+                on_instance=self._instance,
+            )
+            try:
+                tokens = Tokens(config.http.tokens_file)
+            except OSError as error:
+                raise ConfigError(str(error)) from None
+            page = StatusPage(self, config.http.recent_studies, on_requeued=self._send.set)
+            app = make_app(
+                metrics.registry,
+                self.checks,
+                tokens=tokens,
+                stow=stow,
+                status=page,
+            )
             self.http = HttpEndpoint(
-                config.node.host, config.node.http_port, make_app(metrics.registry, self.checks)
+                config.node.host, config.node.http_port, app, tls=config.http.tls
             )
         for name, step in (
             ("assembler", self._assemble_step),

@@ -251,7 +251,7 @@ class RecordingPacs:
     """A Storage SCP on 127.0.0.1 that accepts every storage SOP class and keeps what it gets
     (the destination of a node under test: SRs and Secondary Captures included)."""
 
-    def __init__(self, ae_title: str = "PACS") -> None:
+    def __init__(self, ae_title: str = "PACS", port: int = 0) -> None:
         from pynetdicom import AE, AllStoragePresentationContexts, evt
 
         self.ae_title = ae_title
@@ -260,7 +260,7 @@ class RecordingPacs:
         ae = AE(ae_title=ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
         self._server = ae.start_server(
-            ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
         )
         self.port = int(self._server.server_address[1])
 

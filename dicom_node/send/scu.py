@@ -1,5 +1,8 @@
 """C-STORE SCU and the outbound worker: durable queue, exponential backoff, dead letter.
 
+A ``type: dicomweb`` destination is sent to over STOW-RS instead (:mod:`dicom_node.send.stow`,
+same queue, retries and dead letter).
+
 Several associations per destination run at once (``send.associations``). What the
 destination answers decides what happens to an output (PS3.4 B.2.3, PS3.7 C):
 
@@ -86,6 +89,7 @@ def send_files(
     SOP class and transfer syntax, read from its file meta information.
     """
     _config.STORE_SEND_CHUNKED_DATASET = True  # only this sender sends C-STOREs in the node
+    assert destination.ae_title is not None and destination.host is not None  # type: dimse
     results: dict[Path, str | None] = {}
     metas = {}
     for path in paths:
@@ -151,6 +155,20 @@ def send_files(
     return results
 
 
+def _send_by_type(
+    destination: DestinationConfig,
+    paths: Sequence[Path],
+    calling_ae_title: str,
+    timeout_s: float = 30.0,
+) -> dict[Path, str | None]:
+    """C-STORE for a ``dimse`` destination, STOW-RS for a ``dicomweb`` one."""
+    if destination.type == "dicomweb":
+        from dicom_node.send.stow import stow_files
+
+        return stow_files(destination, paths, calling_ae_title)
+    return send_files(destination, paths, calling_ae_title, timeout_s)
+
+
 class Sender:
     """Drains the spool's outbox over up to ``policy.associations`` concurrent associations per
     destination (PACS store instances in parallel; one association at a time pays each
@@ -180,7 +198,7 @@ class Sender:
         self.policy = policy
         self.calling_ae_title = calling_ae_title
         self.transport = transport or functools.partial(
-            send_files, timeout_s=policy.dimse_timeout_s
+            _send_by_type, timeout_s=policy.dimse_timeout_s
         )
         self.observe = observe
         self.clock = clock

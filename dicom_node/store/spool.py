@@ -67,6 +67,7 @@ CREATE TABLE IF NOT EXISTS studies (
     last_received_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     error TEXT,
+    claimed_at REAL,           -- when the last processing began (the status page's timings)
     PRIMARY KEY (study_instance_uid, task)
 );
 CREATE TABLE IF NOT EXISTS outbox (
@@ -84,7 +85,11 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_path ON outbox(destination, path);
+CREATE INDEX IF NOT EXISTS outbox_study ON outbox(study_instance_uid, task);
 """
+
+# Columns added after a spool was first created: (table, column, declaration).
+_ADDED_COLUMNS = (("studies", "claimed_at", "REAL"),)
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,8 @@ class StudyState:
     version: int
     last_received_at: float
     error: str | None
+    updated_at: float = 0.0
+    claimed_at: float | None = None  # when its last processing began
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ class OutboxItem:
     state: str
     last_error: str | None
     created_at: float = 0.0  # when it was queued (the spool's clock)
+    updated_at: float = 0.0  # its last attempt (or when it was queued)
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -148,6 +156,10 @@ class Spool:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
+            for table, column, declaration in _ADDED_COLUMNS:
+                have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
         except (OSError, sqlite3.Error) as error:
             raise StoreError(f"cannot open the spool at {root}: {error}") from error
 
@@ -380,9 +392,9 @@ class Spool:
             ).fetchall()
             for study_instance_uid, task, version, last_received_at in studies:
                 db.execute(
-                    "UPDATE studies SET state = 'processing', updated_at = ? "
+                    "UPDATE studies SET state = 'processing', updated_at = ?, claimed_at = ? "
                     "WHERE study_instance_uid = ? AND task = ?",
-                    (self._clock(), study_instance_uid, task),
+                    (self._clock(), self._clock(), study_instance_uid, task),
                 )
                 rows = db.execute(
                     "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, "
@@ -480,8 +492,8 @@ class Spool:
     def _studies(self, where: str, params: tuple[object, ...] = ()) -> list[StudyState]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT study_instance_uid, task, state, version, last_received_at, error "
-                f"FROM studies WHERE {where}",
+                "SELECT study_instance_uid, task, state, version, last_received_at, error, "
+                f"updated_at, claimed_at FROM studies WHERE {where}",
                 params,
             ).fetchall()
         return [StudyState(*row) for row in rows]
@@ -525,12 +537,19 @@ class Spool:
         with self._lock:
             rows = self._db.execute(
                 "SELECT id, study_instance_uid, task, path, destination, attempts, state, "
-                f"last_error, created_at FROM outbox WHERE {where}",
+                f"last_error, created_at, updated_at FROM outbox WHERE {where}",
                 params,
             ).fetchall()
         return [
-            OutboxItem(r[0], r[1], r[2], Path(r[3]), r[4], r[5], r[6], r[7], r[8]) for r in rows
+            OutboxItem(r[0], r[1], r[2], Path(r[3]), r[4], r[5], r[6], r[7], r[8], r[9])
+            for r in rows
         ]
+
+    def outbox_for(self, study_instance_uid: str, task: str) -> list[OutboxItem]:
+        """Every queued output of a study's task, sent, pending or dead (the status page)."""
+        return self._outbox(
+            "study_instance_uid = ? AND task = ? ORDER BY id", (study_instance_uid, task)
+        )
 
     def next_due(self) -> float | None:
         """When the earliest pending send is due, or None when nothing is pending."""
@@ -564,6 +583,19 @@ class Spool:
                     "next_attempt_at = ?, updated_at = ? WHERE id = ?",
                     (error, now + retry_in_s, now, item_id),
                 )
+
+    def requeue(self, item_id: int) -> bool:
+        """Put one dead letter back in the queue (the status page's button); False when it is
+        not a dead letter (already requeued, or no such item)."""
+        with self._transaction() as db:
+            return (
+                db.execute(
+                    "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?, "
+                    "updated_at = ? WHERE id = ? AND state = 'dead'",
+                    (self._clock(), self._clock(), item_id),
+                ).rowcount
+                == 1
+            )
 
     def retry_dead(self) -> int:
         """Put every dead letter back in the queue (``send --retry-dead``)."""

@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 
 from dicom_node.config import Config
 from dicom_node.service import Service
+from dicom_node.status import StatusPage
 from dicom_node.tasks import builtin_task
 from tests.conftest import make_set, require_tool
 from tests.factories import (
@@ -117,6 +118,16 @@ def test_confirm_reports_not_applicable_and_why(
             assert referenced_instances(report) >= instances
             assert pacs.of_study(study, "OT") == []  # no saliency for an image not analysed
             _validate(report, tmp_path / f"{name}.dcm")
+        # The status page says why, with no thumbnail (no image was analysed).
+        shown = {
+            (st["study_instance_uid"], st["task"]): st
+            for st in StatusPage(service).snapshot()["studies"]
+        }
+        for name, (task, _) in cases.items():
+            study, _ = sent[name]
+            entry = shown[(study, task)]
+            assert "not applicable" in entry["result"], (name, entry["result"])
+            assert entry["thumbnails"] == [] and entry["report"], name
         metrics = generate_latest(service.metrics.registry).decode()
         assert 'orthonode_not_applicable_total{reason="no-implant",task="knee"}' in metrics
         assert 'orthonode_not_applicable_total{reason="anatomy",task="hip"}' in metrics

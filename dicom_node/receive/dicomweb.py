@@ -1,0 +1,310 @@
+"""STOW-RS ingress (PS3.18 10.5): ``POST /dicomweb/studies[/{StudyInstanceUID}]``.
+
+The request body, ``multipart/related; type="application/dicom"``, is streamed through
+python-multipart's parser into one temporary file per part under the spool (never held whole in
+memory); the body is capped (``http.max_upload_mb``: 413) and so is each instance
+(``node.max_dataset_mb``: 413). Each part is then decoded with pydicom and handed to the same
+:class:`~dicom_node.receive.ingest.Ingest` as C-STORE's, so it is checked, stored and fsynced
+the same way, before the answer goes back. The answer is DICOM JSON with ReferencedSOPSequence
+(stored, duplicates included) and FailedSOPSequence (FailureReason per instance), and a
+``Warning`` header per failure saying why in words:
+
+* 200 every instance stored; 202 some stored, some not;
+* 409 none stored (SOP class not supported 0x0122, transfer syntax not supported 0xC122, a
+  study UID that is not the request's 0xA900, an image the node cannot read 0xA900 / 0xC210);
+* 400 a body that is not multipart, or no part is a DICOM file; 415 a Content-Type other than
+  ``multipart/related; type="application/dicom"`` (the metadata + bulk data form is not
+  supported); 413 too large; 503 (``Retry-After``) when the spool is below its disk reserve
+  or cannot be written.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from dicom_node.receive.ingest import (
+    CANNOT_UNDERSTAND,
+    OUT_OF_RESOURCES,
+    Ingest,
+    Outcome,
+    Source,
+    loggable_uid,
+    uid_text,
+)
+from dicom_node.receive.scp import STORAGE_SOP_CLASSES, TRANSFER_SYNTAXES
+from dicom_node.receive.validate import check_deflate
+
+__all__ = ["StowRs"]
+
+log = logging.getLogger(__name__)
+
+DICOM_JSON = "application/dicom+json"
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+
+
+class _TooLarge(Exception):
+    pass
+
+
+@dataclass
+class _Part:
+    file: BinaryIO
+    content_type: bytes = b""
+    size: int = 0
+
+
+@dataclass
+class _Body:
+    """Receives python-multipart's callbacks: one temporary file per part."""
+
+    folder: Path
+    max_part_bytes: int
+    parts: list[_Part] = field(default_factory=list)
+    _field: bytes = b""
+    _value: bytes = b""
+
+    def callbacks(self) -> dict[str, Callable[..., None]]:
+        return {
+            "on_part_begin": self._begin,
+            "on_header_field": self._header_field,
+            "on_header_value": self._header_value,
+            "on_header_end": self._header_end,
+            "on_part_data": self._data,
+        }
+
+    def _begin(self) -> None:
+        self.parts.append(_Part(tempfile.TemporaryFile(dir=self.folder)))  # noqa: SIM115
+        self._field = self._value = b""
+
+    def _header_field(self, data: bytes, start: int, end: int) -> None:
+        self._field += data[start:end]
+
+    def _header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def _header_end(self) -> None:
+        if self._field.strip().lower() == b"content-type":
+            self.parts[-1].content_type = parse_options_header(self._value.strip())[0]
+        self._field = self._value = b""
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        part = self.parts[-1]
+        part.size += end - start
+        if part.size > self.max_part_bytes:
+            raise _TooLarge
+        part.file.write(data[start:end])
+
+    def close(self) -> None:
+        for part in self.parts:
+            part.file.close()
+
+
+def _error(status: int, message: str, **headers: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+class StowRs:
+    """The STOW-RS endpoint; called by the HTTP app with the request and who sent it."""
+
+    def __init__(
+        self,
+        ingest: Ingest,
+        incoming: Path,
+        *,
+        max_upload_bytes: int,
+        max_instance_bytes: int,
+        spool_problems: Callable[[], list[str]],
+        on_instance: Callable[[str, int, float], None] | None = None,
+    ) -> None:
+        self._ingest = ingest
+        self._incoming = incoming
+        self._max_upload = max_upload_bytes
+        self._max_instance = max_instance_bytes
+        self._spool_problems = spool_problems
+        self._on_instance = on_instance or (lambda sop_class, status, seconds: None)
+
+    async def __call__(self, request: Request, sender: str, study: str | None) -> Response:
+        address = request.client.host if request.client else ""
+        if study is not None and not UID(study).is_valid:
+            return _error(400, "the Study Instance UID in the path is not a valid UID")
+        kind, params = parse_options_header(request.headers.get("content-type", ""))
+        part_type = params.get(b"type", b"application/dicom").strip(b'"').lower()
+        if kind != b"multipart/related" or part_type != b"application/dicom":
+            return _error(
+                415,
+                'send multipart/related; type="application/dicom" (each part a DICOM file); '
+                f"{kind.decode(errors='replace')!r} with type "
+                f"{part_type.decode(errors='replace')!r} is not supported",
+            )
+        boundary = params.get(b"boundary")
+        if not boundary:
+            return _error(400, "the multipart/related Content-Type has no boundary")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self._max_upload:
+            return self._too_large(address, f"{int(declared) >> 20} MiB declared")
+        problems = await run_in_threadpool(self._spool_problems)
+        if problems:
+            log.warning("STOW-RS from %s refused (503): %s", address, "; ".join(problems))
+            return _error(503, "; ".join(problems), **{"Retry-After": "60"})
+
+        self._incoming.mkdir(parents=True, exist_ok=True)
+        body = _Body(self._incoming, self._max_instance)
+        try:
+            parser = MultipartParser(boundary, body.callbacks())  # type: ignore[arg-type]
+            total = 0
+            try:
+                async for chunk in request.stream():
+                    total += len(chunk)
+                    if total > self._max_upload:
+                        return self._too_large(address, f"over {self._max_upload >> 20} MiB")
+                    parser.write(chunk)
+                parser.finalize()
+            except _TooLarge:
+                limit = self._max_instance >> 20
+                return self._too_large(address, f"an instance over {limit} MiB")
+            except MultipartParseError as error:
+                log.warning("STOW-RS from %s: malformed multipart body (%s)", address, error)
+                return _error(400, f"malformed multipart/related body: {error}")
+            except ClientDisconnect:
+                log.warning("STOW-RS from %s: the client went away mid-upload", address)
+                return _error(400, "the client disconnected before the body ended")
+            if not body.parts:
+                return _error(400, "the multipart/related body has no parts")
+            source = Source("STOW-RS", sender, address)
+            outcomes = await run_in_threadpool(self._store_all, body.parts, source, study)
+        finally:
+            body.close()
+        return self._answer(outcomes, address)
+
+    def _too_large(self, address: str, what: str) -> JSONResponse:
+        log.warning("STOW-RS from %s refused (413): %s", address, what)
+        return _error(413, f"request too large: {what} (http.max_upload_mb, node.max_dataset_mb)")
+
+    # -- per instance (a worker thread) -----------------------------------------------------
+
+    def _store_all(
+        self, parts: list[_Part], source: Source, study: str | None
+    ) -> list[tuple[Outcome, str]]:
+        return [self._store(part, source, study) for part in parts]
+
+    def _store(self, part: _Part, source: Source, study: str | None) -> tuple[Outcome, str]:
+        """One part: its outcome and its SOP Class UID ('' when unknown)."""
+        started = time.perf_counter()
+        sop_class = ""
+        outcome = Outcome(CANNOT_UNDERSTAND, "not processed")
+        try:
+            if part.content_type and part.content_type.lower() != b"application/dicom":
+                outcome = self._ingest.refuse(
+                    source, CANNOT_UNDERSTAND, "part is not application/dicom"
+                )
+                return outcome, sop_class
+            part.file.seek(0)
+            try:
+                data = part.file.read()
+                dataset = pydicom.dcmread(io.BytesIO(data))
+                syntax = UID(uid_text(dataset.file_meta.get("TransferSyntaxUID")))
+                sop_class = uid_text(dataset.get("SOPClassUID"))
+            except Exception as error:
+                log.warning(
+                    "STOW-RS from %s: a part is not a DICOM file (%s)",
+                    source.address,
+                    type(error).__name__,
+                )
+                outcome = self._ingest.refuse(source, CANNOT_UNDERSTAND, "not a DICOM file")
+                return outcome, sop_class
+            named = {"sop_instance_uid": loggable_uid(dataset.get("SOPInstanceUID"))}
+            if sop_class not in STORAGE_SOP_CLASSES:
+                outcome = self._ingest.refuse(
+                    source,
+                    SOP_CLASS_NOT_SUPPORTED,
+                    f"SOP class {loggable_uid(sop_class)} is not projection radiography",
+                    **named,
+                )
+                return outcome, sop_class
+            if syntax not in TRANSFER_SYNTAXES:
+                outcome = self._ingest.refuse(
+                    source,
+                    TRANSFER_SYNTAX_NOT_SUPPORTED,
+                    f"transfer syntax {loggable_uid(syntax)} is not supported",
+                    **named,
+                )
+                return outcome, sop_class
+            if syntax == DeflatedExplicitVRLittleEndian:
+                stream = io.BytesIO(data)
+                read_preamble(stream, False)
+                _read_file_meta_info(stream)
+                bomb = check_deflate(io.BytesIO(data[stream.tell() :]), self._max_instance)
+                if bomb is not None:
+                    outcome = self._ingest.refuse(source, bomb.status, bomb.reason, **named)
+                    return outcome, sop_class
+            outcome = self._ingest.accept(
+                dataset, lambda: data, syntax=syntax, source=source, expected_study=study
+            )
+            return outcome, sop_class
+        finally:
+            self._on_instance(sop_class or "unknown", outcome.status, time.perf_counter() - started)
+
+    # -- the answer -------------------------------------------------------------------------
+
+    def _answer(self, outcomes: list[tuple[Outcome, str]], address: str) -> Response:
+        response = Dataset()
+        stored, failed = [], []
+        warnings = []
+        for outcome, sop_class in outcomes:
+            item = Dataset()
+            item.ReferencedSOPClassUID = sop_class
+            item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
+            if outcome.stored:
+                stored.append(item)
+                continue
+            item.FailureReason = outcome.status
+            failed.append(item)
+            who = outcome.sop_instance_uid or "a part"
+            warnings.append(f'299 orthonode "{who}: 0x{outcome.status:04X} {outcome.reason}"')
+        if stored:
+            response.ReferencedSOPSequence = stored
+        if failed:
+            response.FailedSOPSequence = failed
+        if not failed:
+            status = 200
+        elif stored:
+            status = 202
+        elif all(o.status == OUT_OF_RESOURCES for o, _ in outcomes):
+            status = 503
+        elif all(o.reason == "not a DICOM file" for o, _ in outcomes):
+            status = 400
+        else:
+            status = 409
+        log.info(
+            "STOW-RS from %s: %d stored, %d failed (HTTP %d)",
+            address,
+            len(stored),
+            len(failed),
+            status,
+        )
+        headers: dict[str, Any] = {}
+        if warnings:
+            # One header line (HTTP allows a comma-joined list); long lists are cut.
+            headers["Warning"] = ", ".join(warnings[:20])
+        if status == 503:
+            headers["Retry-After"] = "60"
+        return Response(
+            response.to_json(), status_code=status, media_type=DICOM_JSON, headers=headers
+        )

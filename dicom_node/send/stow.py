@@ -1,0 +1,184 @@
+"""STOW-RS egress (PS3.18 10.5): a ``type: dicomweb`` destination's transport for the outbox.
+
+The outputs of one send go in one ``POST {url}/studies`` request, ``multipart/related;
+type="application/dicom"``, each part the output file as it is on disk (streamed from the file,
+never decoded and re-encoded). What the service answers decides each instance's fate, as
+:func:`dicom_node.send.scu.classify` does for C-STORE statuses:
+
+* 200: every instance stored;
+* 202 or 409 with a DICOM JSON body: instances in ReferencedSOPSequence are sent; those in
+  FailedSOPSequence are classified by their FailureReason (0xA7xx and 0x0110 retried, 0xA9xx,
+  0xCxxx, 0x0122 and the other failures dead-lettered at once); an instance in neither is
+  retried. A 409 without such a body dead-letters the instances (the service will not take
+  them);
+* 401 and 403 (a token or password refused), 408, 429, 5xx (503 busy), a refused or dropped
+  connection, a timeout, a TLS failure (certificate not trusted, name mismatch): retried with
+  backoff, the reason logged, until ``send.max_attempts`` (then dead-lettered; the status
+  page's requeue button or ``send --retry-dead`` queues them again after the fix);
+* other 4xx (400, 404, 405, 413, 415): dead-lettered at once.
+
+Credentials come from a file or the environment (``token_file``, ``token_env``, ``username`` +
+``password_env``); they are read for each send, so a rotated token is used without a restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
+
+from dicom_node.config import DestinationConfig
+from dicom_node.send.scu import Failure, classify
+
+__all__ = ["CredentialError", "credentials", "stow_files"]
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 20
+_RETRIED_HTTP = {401, 403, 408, 425, 429}
+
+
+class CredentialError(Exception):
+    """A destination's secret cannot be read (its file or environment variable)."""
+
+
+def credentials(destination: DestinationConfig) -> dict[str, Any]:
+    """``requests`` keyword arguments for the destination's auth and TLS (read now)."""
+    kwargs: dict[str, Any] = {}
+    token = None
+    if destination.token_file is not None:
+        try:
+            token = destination.token_file.read_text().strip()
+        except OSError as error:
+            raise CredentialError(
+                f"cannot read token_file {destination.token_file}: {error.strerror}"
+            ) from None
+    elif destination.token_env is not None:
+        token = os.environ.get(destination.token_env, "").strip()
+        if not token:
+            raise CredentialError(f"environment variable {destination.token_env} is empty")
+    if token:
+        kwargs["headers"] = {"Authorization": f"Bearer {token}"}
+    if destination.username:
+        password = os.environ.get(destination.password_env, "") if destination.password_env else ""
+        kwargs["auth"] = (destination.username, password)
+    tls = destination.tls
+    if tls is not None:
+        if tls.ca_certificates is not None:
+            kwargs["verify"] = str(tls.ca_certificates)
+        if tls.certificate is not None and tls.private_key is not None:
+            kwargs["cert"] = (str(tls.certificate), str(tls.private_key))
+    return kwargs
+
+
+def _body(paths: Sequence[Path], boundary: str) -> Iterator[bytes]:
+    for path in paths:
+        yield (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode()
+        with path.open("rb") as handle:
+            while chunk := handle.read(_CHUNK):
+                yield chunk
+        yield b"\r\n"
+    yield f"--{boundary}--\r\n".encode()
+
+
+def _answer(response: requests.Response) -> Dataset | None:
+    """The DICOM JSON response body, or None when there is none (or it is not DICOM JSON)."""
+    kind = response.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if kind not in ("application/dicom+json", "application/json") or not response.content:
+        return None
+    try:
+        return Dataset.from_json(response.content.decode("utf-8"))
+    except Exception:
+        return None
+
+
+def stow_files(
+    destination: DestinationConfig,
+    paths: Sequence[Path],
+    calling_ae_title: str = "",
+    timeout_s: float | None = None,
+) -> dict[Path, str | None]:
+    """POST ``paths`` to the destination in one STOW-RS request; path → None (stored) or a
+    :class:`~dicom_node.send.scu.Failure` (``permanent`` when it is not worth retrying)."""
+    results: dict[Path, str | None] = {}
+    uids: dict[str, Path] = {}
+    for path in paths:
+        try:
+            uids[str(read_file_meta_info(path).MediaStorageSOPInstanceUID)] = path
+        except Exception as error:  # a damaged output file: it will never go
+            results[path] = Failure(f"cannot read {path.name}: {type(error).__name__}", True)
+    sending = list(uids.values())
+    if not sending:
+        return results
+    assert destination.url is not None  # a dicomweb destination has one (config validates)
+    url = destination.url.rstrip("/") + "/studies"
+    boundary = f"orthonode-{secrets.token_hex(12)}"
+    try:
+        kwargs = credentials(destination)
+        headers = {
+            **kwargs.pop("headers", {}),
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json",
+        }
+        if calling_ae_title:
+            headers["User-Agent"] = f"orthonode ({calling_ae_title})"
+        response = requests.post(
+            url,
+            data=_body(sending, boundary),
+            headers=headers,
+            timeout=timeout_s or destination.timeout_s,
+            **kwargs,
+        )
+    except CredentialError as error:
+        return {**results, **dict.fromkeys(sending, Failure(str(error)))}
+    except OSError as error:
+        # requests' errors (TLS, connection, timeout) are OSErrors; so are unreadable files.
+        kind = "TLS" if isinstance(error, requests.exceptions.SSLError) else type(error).__name__
+        return {**results, **dict.fromkeys(sending, Failure(f"{kind}: {_short(error)}"))}
+    code = response.status_code
+    answer = _answer(response)
+    if code == 200:
+        return {**results, **dict.fromkeys(sending)}
+    if code in (202, 409) and answer is not None:
+        for item in answer.get("ReferencedSOPSequence", []):
+            stored = uids.get(str(item.get("ReferencedSOPInstanceUID", "")))
+            if stored is not None:
+                results[stored] = None
+        for item in answer.get("FailedSOPSequence", []):
+            failed = uids.get(str(item.get("ReferencedSOPInstanceUID", "")))
+            if failed is None:
+                continue
+            reason = int(item.get("FailureReason", 0x0110))
+            verdict = classify(reason)
+            results[failed] = (
+                None
+                if verdict is None
+                else Failure(
+                    f"HTTP {code}: the service refused it, FailureReason 0x{reason:04X}",
+                    verdict.permanent,
+                )
+            )
+        for path in sending:
+            results.setdefault(path, Failure(f"HTTP {code}: the answer does not list it"))
+        return results
+    if code == 202:  # accepted without a body: taken, as the service said
+        return {**results, **dict.fromkeys(sending)}
+    permanent = code < 500 and code not in _RETRIED_HTTP
+    why = {401: " (credentials refused)", 403: " (forbidden)", 503: " (busy)"}.get(code, "")
+    return {
+        **results,
+        **dict.fromkeys(sending, Failure(f"HTTP {code}{why} from {url}", permanent)),
+    }
+
+
+def _short(error: BaseException) -> str:
+    """An exception's message, without the long chains requests builds (one line)."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text[:300]
