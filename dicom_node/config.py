@@ -154,6 +154,11 @@ class DestinationConfig(_Model):
             if self.url is not None:
                 raise ValueError("url is for type: dicomweb destinations")
         else:
+            if self.url and re.match(r"^https?://[^/]*@", self.url):
+                raise ValueError(
+                    "url: no user or password in the URL (they would show in logs and on the "
+                    "status page); use username + password_env, or token_file / token_env"
+                )
             if not self.url or not re.match(r"^https?://[^/\s]+", self.url):
                 raise ValueError(
                     "a dicomweb destination needs url: http(s)://host[:port]/path "

@@ -33,6 +33,7 @@ from typing import Any
 import uvicorn
 from prometheus_client import CollectorRegistry, make_asgi_app
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
@@ -75,6 +76,7 @@ class Tokens:
         try:
             stamp = self._file.stat().st_mtime
         except OSError as error:
+            self._from_file, self._stamp = {}, None  # gone: its tokens are no longer valid
             raise OSError(f"http.tokens_file {self._file}: {error.strerror}") from error
         if stamp == self._stamp:
             return
@@ -98,7 +100,7 @@ class Tokens:
             try:
                 self._load()
             except OSError as error:
-                log.error("%s; keeping the tokens read before", error)
+                log.error("%s; no token from that file is accepted until it is back", error)
             found = None
             for token, name in (*self._from_file.items(), *self._from_env.items()):
                 if hmac.compare_digest(token.encode(), presented.encode()):
@@ -114,7 +116,14 @@ def _is_loopback(host: str | None) -> bool:
 
 
 def writer(request: Request, tokens: Tokens) -> tuple[str | None, Response | None]:
-    """Who may write: (the sender's name, None), or (None, the 401/403 to answer)."""
+    """Who may write: (the sender's name, None), or (None, the 401/403 to answer).
+
+    A browser's request from another site's page (an ``Origin`` that is not this host) is
+    refused whatever it carries, so a page elsewhere cannot make a local browser requeue."""
+    origin = request.headers.get("origin")
+    host = request.headers.get("host", "")
+    if origin is not None and origin.split("://", 1)[-1] != host:
+        return None, _json(403, {"error": f"cross-site request from {origin!r} refused"})
     header = request.headers.get("authorization", "")
     scheme, _, presented = header.partition(" ")
     if scheme.lower() == "bearer" and presented.strip():
@@ -171,8 +180,10 @@ def make_app(
         return _json(200, {"alive": True})
 
     async def readyz(request: Request) -> Response:
-        try:
-            found = {name: list(problems) for name, problems in checks().items()}
+        try:  # the checks touch the disk and the index: off the event loop
+            found = {
+                name: list(problems) for name, problems in (await run_in_threadpool(checks)).items()
+            }
         except Exception as error:  # a check that fails is itself a reason not to be ready
             found = {"checks": [f"could not run: {type(error).__name__}"]}
         ready = not any(found.values())
@@ -182,7 +193,7 @@ def make_app(
     async def store(request: Request) -> Response:
         if stow is None:
             return _json(404, {"error": "STOW-RS is not enabled"})
-        sender, refusal = writer(request, tokens)
+        sender, refusal = await run_in_threadpool(writer, request, tokens)
         if refusal is not None:
             return refusal
         assert sender is not None
@@ -224,6 +235,10 @@ class HttpEndpoint:
             access_log=False,
             lifespan="off",
             timeout_keep_alive=15,
+            timeout_graceful_shutdown=10,  # uploads in flight get 10 s at a stop
+            # The client's address is the socket's: a proxy's X-Forwarded-For is not believed
+            # (behind a reverse proxy every client would otherwise look local).
+            proxy_headers=False,
             ssl_certfile=str(tls.certificate) if tls and tls.certificate else None,
             ssl_keyfile=str(tls.private_key) if tls and tls.private_key else None,
         )
@@ -242,5 +257,5 @@ class HttpEndpoint:
 
     def stop(self) -> None:
         self._server.should_exit = True
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=20)
         self._sock.close()

@@ -170,21 +170,19 @@ class StatusPage:
             )
 
         async def report(request: Request) -> Response:
-            path = self._output(request, "sr")
-            if path is None:
+            text = await run_in_threadpool(self._read, request, "sr")
+            if text is None:
                 return PlainTextResponse("no such report\n", status_code=404)
-            text, _ = await run_in_threadpool(_report, path, _stamp(path))
             return PlainTextResponse(text)
 
         async def thumbnail(request: Request) -> Response:
-            path = self._output(request, f"sc{request.path_params['n']}")
-            if path is None:
+            data = await run_in_threadpool(self._read, request, f"sc{request.path_params['n']}")
+            if data is None:
                 return PlainTextResponse("no such image\n", status_code=404)
-            data = await run_in_threadpool(_thumbnail, path, _stamp(path))
             return Response(data, media_type="image/png")
 
         async def requeue(request: Request) -> Response:
-            who, refusal = writer(request)
+            who, refusal = await run_in_threadpool(writer, request)
             if refusal is not None:
                 return refusal
             item = request.path_params.get("item")
@@ -195,7 +193,9 @@ class StatusPage:
                 count = int(await run_in_threadpool(spool.requeue, int(item)))
             if item is not None and not count:
                 return _json({"error": f"{item} is not a dead letter"}, 404)
-            self.service.audit.record("requeue", item=item or "all", count=count, by=who)
+            await run_in_threadpool(
+                self.service.audit.record, "requeue", item=item or "all", count=count, by=who
+            )
             log.info("%d dead letter(s) requeued by %s", count, who)
             if self.on_requeued is not None:
                 self.on_requeued()
@@ -215,6 +215,16 @@ class StatusPage:
             Route("/api/dead-letters/requeue", requeue, methods=["POST"]),
             Route("/api/dead-letters/{item:int}/requeue", requeue, methods=["POST"]),
         ]
+
+    def _read(self, request: Request, kind: str) -> Any:
+        """An output of the request's study: the SR as text ("sr"), an SC as a PNG thumbnail
+        ("scN"); None when there is none."""
+        path = self._output(request, kind)
+        if path is None:
+            return None
+        if kind == "sr":
+            return _report(path, _stamp(path))[0]
+        return _thumbnail(path, _stamp(path))
 
     def _output(self, request: Request, kind: str) -> Path | None:
         study, task = request.path_params["study"], request.path_params["task"]
@@ -309,6 +319,8 @@ class StatusPage:
         sends: dict[str, dict[str, int]] = {}
         last_sent = None
         for item in spool.outbox_for(state.study_instance_uid, state.task):
+            if not item.path.name.startswith(prefix):
+                continue  # an earlier version's outputs
             counts = sends.setdefault(item.destination, {})
             counts[item.state] = counts.get(item.state, 0) + 1
             if item.state == "sent":

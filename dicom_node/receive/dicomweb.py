@@ -20,6 +20,7 @@ the same way, before the answer goes back. The answer is DICOM JSON with Referen
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import tempfile
@@ -33,14 +34,18 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from python_multipart.multipart import (
+    MultipartParseError,
+    MultipartParser,
+    MultipartState,
+    parse_options_header,
+)
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from dicom_node.receive.ingest import (
     CANNOT_UNDERSTAND,
-    OUT_OF_RESOURCES,
     Ingest,
     Outcome,
     Source,
@@ -57,6 +62,12 @@ log = logging.getLogger(__name__)
 DICOM_JSON = "application/dicom+json"
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+
+
+# Reasons Ingest gives when the spool itself could not keep an instance (not the instance's
+# fault): answered 503, Retry-After; an image refused for its size (0xA700 too) is a 409.
+_STORAGE_TROUBLE = ("storage full", "store failed")
+BODY_TIMEOUT_S = 60.0  # the longest wait for the next chunk of a request body
 
 
 class _TooLarge(Exception):
@@ -164,17 +175,24 @@ class StowRs:
             log.warning("STOW-RS from %s refused (503): %s", address, "; ".join(problems))
             return _error(503, "; ".join(problems), **{"Retry-After": "60"})
 
-        self._incoming.mkdir(parents=True, exist_ok=True)
         body = _Body(self._incoming, self._max_instance)
         try:
             parser = MultipartParser(boundary, body.callbacks())  # type: ignore[arg-type]
             total = 0
+            chunks = request.stream().__aiter__()
             try:
-                async for chunk in request.stream():
+                await run_in_threadpool(self._incoming.mkdir, parents=True, exist_ok=True)
+                while True:
+                    try:
+                        chunk = await asyncio.wait_for(chunks.__anext__(), BODY_TIMEOUT_S)
+                    except StopAsyncIteration:
+                        break
                     total += len(chunk)
                     if total > self._max_upload:
                         return self._too_large(address, f"over {self._max_upload >> 20} MiB")
-                    parser.write(chunk)
+                    if chunk:
+                        # The parts are written to disk: off the event loop.
+                        await run_in_threadpool(parser.write, chunk)
                 parser.finalize()
             except _TooLarge:
                 limit = self._max_instance >> 20
@@ -185,6 +203,18 @@ class StowRs:
             except ClientDisconnect:
                 log.warning("STOW-RS from %s: the client went away mid-upload", address)
                 return _error(400, "the client disconnected before the body ended")
+            except TimeoutError:
+                log.warning("STOW-RS from %s: the body stalled; request dropped", address)
+                return _error(408, f"no data for {BODY_TIMEOUT_S:.0f} s: the upload stalled")
+            except OSError as error:
+                log.error("STOW-RS from %s: cannot spool the body (%s)", address, error.strerror)
+                return _error(
+                    503,
+                    f"the spool cannot take the upload ({error.strerror})",
+                    **{"Retry-After": "60"},
+                )
+            if parser.state != MultipartState.END:
+                return _error(400, "the multipart/related body ends before its closing boundary")
             if not body.parts:
                 return _error(400, "the multipart/related body has no parts")
             source = Source("STOW-RS", sender, address)
@@ -216,14 +246,39 @@ class StowRs:
                 )
                 return outcome, sop_class
             part.file.seek(0)
+            data = part.file.read()
             try:
-                data = part.file.read()
-                dataset = pydicom.dcmread(io.BytesIO(data))
-                syntax = UID(uid_text(dataset.file_meta.get("TransferSyntaxUID")))
-                sop_class = uid_text(dataset.get("SOPClassUID"))
+                stream = io.BytesIO(data)
+                read_preamble(stream, False)
+                meta = _read_file_meta_info(stream)
+                syntax = UID(uid_text(meta.get("TransferSyntaxUID")))
             except Exception as error:
                 log.warning(
                     "STOW-RS from %s: a part is not a DICOM file (%s)",
+                    source.address,
+                    type(error).__name__,
+                )
+                outcome = self._ingest.refuse(source, CANNOT_UNDERSTAND, "not a DICOM file")
+                return outcome, sop_class
+            if syntax == DeflatedExplicitVRLittleEndian:
+                # Before pydicom inflates it whole: a small part can inflate to gigabytes.
+                bomb = check_deflate(io.BytesIO(data[stream.tell() :]), self._max_instance)
+                if bomb is not None:
+                    log.warning(
+                        "STOW-RS from %s: %s; refused 0x%04X",
+                        source.address,
+                        bomb.reason,
+                        bomb.status,
+                    )
+                    outcome = self._ingest.refuse(source, bomb.status, bomb.reason)
+                    return outcome, sop_class
+            try:
+                dataset = pydicom.dcmread(io.BytesIO(data))
+                text = uid_text(dataset.get("SOPClassUID"))
+                sop_class = text if text and UID(text).is_valid else ""
+            except Exception as error:
+                log.warning(
+                    "STOW-RS from %s: a part cannot be decoded (%s)",
                     source.address,
                     type(error).__name__,
                 )
@@ -246,14 +301,6 @@ class StowRs:
                     **named,
                 )
                 return outcome, sop_class
-            if syntax == DeflatedExplicitVRLittleEndian:
-                stream = io.BytesIO(data)
-                read_preamble(stream, False)
-                _read_file_meta_info(stream)
-                bomb = check_deflate(io.BytesIO(data[stream.tell() :]), self._max_instance)
-                if bomb is not None:
-                    outcome = self._ingest.refuse(source, bomb.status, bomb.reason, **named)
-                    return outcome, sop_class
             outcome = self._ingest.accept(
                 dataset, lambda: data, syntax=syntax, source=source, expected_study=study
             )
@@ -269,14 +316,16 @@ class StowRs:
         warnings = []
         for outcome, sop_class in outcomes:
             item = Dataset()
-            item.ReferencedSOPClassUID = sop_class
-            item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
+            if sop_class:
+                item.ReferencedSOPClassUID = sop_class
+            if outcome.sop_instance_uid and UID(outcome.sop_instance_uid).is_valid:
+                item.ReferencedSOPInstanceUID = outcome.sop_instance_uid
             if outcome.stored:
                 stored.append(item)
                 continue
             item.FailureReason = outcome.status
             failed.append(item)
-            who = outcome.sop_instance_uid or "a part"
+            who = item.get("ReferencedSOPInstanceUID", "a part")
             warnings.append(f'299 orthonode "{who}: 0x{outcome.status:04X} {outcome.reason}"')
         if stored:
             response.ReferencedSOPSequence = stored
@@ -286,8 +335,8 @@ class StowRs:
             status = 200
         elif stored:
             status = 202
-        elif all(o.status == OUT_OF_RESOURCES for o, _ in outcomes):
-            status = 503
+        elif all(o.reason in _STORAGE_TROUBLE for o, _ in outcomes):
+            status = 503  # the spool's trouble: worth retrying later
         elif all(o.reason == "not a DICOM file" for o, _ in outcomes):
             status = 400
         else:

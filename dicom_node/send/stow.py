@@ -5,12 +5,13 @@ type="application/dicom"``, each part the output file as it is on disk (streamed
 never decoded and re-encoded). What the service answers decides each instance's fate, as
 :func:`dicom_node.send.scu.classify` does for C-STORE statuses:
 
-* 200: every instance stored;
-* 202 or 409 with a DICOM JSON body: instances in ReferencedSOPSequence are sent; those in
+* 200: every instance stored (unless its DICOM JSON body lists some in FailedSOPSequence);
+* 200, 202 or 409 with a DICOM JSON body: instances in ReferencedSOPSequence are sent; those in
   FailedSOPSequence are classified by their FailureReason (0xA7xx and 0x0110 retried, 0xA9xx,
   0xCxxx, 0x0122 and the other failures dead-lettered at once); an instance in neither is
-  retried. A 409 without such a body dead-letters the instances (the service will not take
-  them);
+  retried. A 202 without such a body retries them all (which failed is unknown; the service
+  keeps one copy per SOP Instance UID); a 409 without one dead-letters them (the service will
+  not take them);
 * 401 and 403 (a token or password refused), 408, 429, 5xx (503 busy), a refused or dropped
   connection, a timeout, a TLS failure (certificate not trusted, name mismatch): retried with
   backoff, the reason logged, until ``send.max_attempts`` (then dead-lettered; the status
@@ -78,14 +79,47 @@ def credentials(destination: DestinationConfig) -> dict[str, Any]:
     return kwargs
 
 
-def _body(paths: Sequence[Path], boundary: str) -> Iterator[bytes]:
-    for path in paths:
-        yield (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode()
-        with path.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                yield chunk
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode()
+class _Body:
+    """The multipart/related body, read from the files as it is sent, with a known length (so
+    it goes with Content-Length, not chunked: some services refuse chunked uploads). A plain
+    object with ``read`` and ``__len__``: requests sends such a body by its length (an
+    io.RawIOBase, whose ``tell`` fails, would make it guess 0 and send chunks)."""
+
+    def __init__(self, paths: Sequence[Path], boundary: str) -> None:
+        head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        self._pieces: list[bytes | Path] = []
+        for path in paths:
+            self._pieces += [head, path, b"\r\n"]
+        self._pieces.append(f"--{boundary}--\r\n".encode())
+        self._length = sum(
+            piece.stat().st_size if isinstance(piece, Path) else len(piece)
+            for piece in self._pieces
+        )
+        self._chunks = self._iterate()
+        self._left = b""
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _iterate(self) -> Iterator[bytes]:
+        for piece in self._pieces:
+            if isinstance(piece, bytes):
+                yield piece
+                continue
+            with piece.open("rb") as handle:
+                while chunk := handle.read(_CHUNK):
+                    yield chunk
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            return self._left + b"".join(self._chunks)
+        while len(self._left) < size:
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                break
+            self._left += chunk
+        out, self._left = self._left[:size], self._left[size:]
+        return out
 
 
 def _answer(response: requests.Response) -> Dataset | None:
@@ -131,7 +165,7 @@ def stow_files(
             headers["User-Agent"] = f"orthonode ({calling_ae_title})"
         response = requests.post(
             url,
-            data=_body(sending, boundary),
+            data=_Body(sending, boundary),
             headers=headers,
             timeout=timeout_s or destination.timeout_s,
             **kwargs,
@@ -144,9 +178,9 @@ def stow_files(
         return {**results, **dict.fromkeys(sending, Failure(f"{kind}: {_short(error)}"))}
     code = response.status_code
     answer = _answer(response)
-    if code == 200:
+    if code == 200 and (answer is None or "FailedSOPSequence" not in answer):
         return {**results, **dict.fromkeys(sending)}
-    if code in (202, 409) and answer is not None:
+    if code in (200, 202, 409) and answer is not None:
         for item in answer.get("ReferencedSOPSequence", []):
             stored = uids.get(str(item.get("ReferencedSOPInstanceUID", "")))
             if stored is not None:
@@ -155,7 +189,7 @@ def stow_files(
             failed = uids.get(str(item.get("ReferencedSOPInstanceUID", "")))
             if failed is None:
                 continue
-            reason = int(item.get("FailureReason", 0x0110))
+            reason = int(item.get("FailureReason") or 0x0110)  # no value: processing failure
             verdict = classify(reason)
             results[failed] = (
                 None
@@ -165,11 +199,16 @@ def stow_files(
                     verdict.permanent,
                 )
             )
-        for path in sending:
-            results.setdefault(path, Failure(f"HTTP {code}: the answer does not list it"))
+        for path in sending:  # not listed: a 200 stored it; after a 202 / 409, who knows
+            results.setdefault(
+                path, None if code == 200 else Failure(f"HTTP {code}: the answer does not list it")
+            )
         return results
-    if code == 202:  # accepted without a body: taken, as the service said
-        return {**results, **dict.fromkeys(sending)}
+    if code == 202:
+        # Some instances failed, and the answer does not say which: send them all again (the
+        # service keeps one copy per SOP Instance UID).
+        failure = Failure("HTTP 202 without a DICOM JSON answer: which instances failed is unknown")
+        return {**results, **dict.fromkeys(sending, failure)}
     permanent = code < 500 and code not in _RETRIED_HTTP
     why = {401: " (credentials refused)", 403: " (forbidden)", 503: " (busy)"}.get(code, "")
     return {

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -191,10 +192,9 @@ class Spool:
                 )
         except OSError as error:
             problems.append(f"disk: cannot check free space ({error.strerror})")
-        probe = self.instances_dir / ".readyz"
-        try:
-            probe.write_bytes(b"")
-            probe.unlink()
+        try:  # a probe of its own: health() runs from several threads at once
+            with tempfile.TemporaryFile(dir=self.instances_dir, prefix=".readyz-"):
+                pass
         except OSError as error:
             problems.append(f"spool: {self.instances_dir} is not writable ({error.strerror})")
         try:

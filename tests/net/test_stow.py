@@ -137,7 +137,9 @@ def test_stow_refusals_each_say_why(
     knee_study: list[Path],
     bundle: Path,
 ) -> None:
-    service = start_node(_config(tmp_path, pacs, bundle, max_upload_mb=1))
+    config = _config(tmp_path, pacs, bundle, max_upload_mb=1)
+    config["node"]["max_dataset_mb"] = 1
+    service = start_node(config)
     good = knee_study[0].read_bytes()
     ds = pydicom.dcmread(knee_study[0])
     study = ds.StudyInstanceUID
@@ -207,6 +209,23 @@ def test_stow_refusals_each_say_why(
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "60"
     assert "spool.min_free_mb" in answer.json()["error"]
     service.spool.min_free_bytes = 1 << 20
+
+    # A deflate bomb (60 KB that inflates to 64 MiB) is refused before it is inflated.
+    answer = _post(service, _body([_deflate_bomb(study)]))
+    assert answer.status_code == 409, answer.text  # the instance's fault: not worth a retry
+    [failed] = pydicom.Dataset.from_json(answer.text).FailedSOPSequence
+    assert failed.FailureReason == 0xA700 and "inflates past" in answer.headers["Warning"]
+
+    # A body cut off before its closing boundary: nothing stored from it.
+    truncated = _body([knee_study[1].read_bytes()])[:-40]
+    answer = _post(service, truncated)
+    assert answer.status_code == 400 and "closing boundary" in answer.json()["error"]
+    late = pydicom.dcmread(knee_study[1], stop_before_pixels=True).SOPInstanceUID
+    assert not service.spool.path_for(late).exists()
+
+    # A browser page of another site cannot make a local browser write (CSRF).
+    answer = _post(service, _body([good]), Origin="http://evil.example")
+    assert answer.status_code == 403 and "cross-site" in answer.json()["error"]
 
     # curl, as an administrator would send one file.
     curl = require_tool("curl")
@@ -281,3 +300,20 @@ def test_stow_over_https(
         requests.post(url.replace("https", "http"), data=body, headers=headers, timeout=10)
     health = url.replace("/dicomweb/studies", "/healthz")
     assert requests.get(health, verify=str(pki / "ca.pem"), timeout=10).ok
+
+
+def _deflate_bomb(study: str) -> bytes:
+    """A Deflated Explicit VR Little Endian file whose data set inflates to 64 MiB."""
+    import zlib
+
+    meta = pydicom.dataset.FileMetaDataset()
+    meta.MediaStorageSOPClassUID = pydicom.uid.DigitalXRayImageStorageForPresentation
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    head = io.BytesIO()
+    head.write(b"\0" * 128 + b"DICM")
+    pydicom.filewriter.write_file_meta_info(pydicom.filebase.DicomFileLike(head), meta)
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    zeros = b"\0" * (1 << 20)
+    body = b"".join(squeeze.compress(zeros) for _ in range(64)) + squeeze.flush()
+    return head.getvalue() + body

@@ -142,6 +142,27 @@ def test_each_answer_decides_each_instance(
     assert stow_files(_destination(ok.url), outputs) == dict.fromkeys(outputs)
     assert ok.received == [[_uid(p) for p in outputs]]
     assert "multipart/related" in ok.headers[0]["content-type"]
+    # Sent with its length (some services refuse chunked uploads).
+    assert int(ok.headers[0]["content-length"]) > sum(p.stat().st_size for p in outputs)
+    assert "transfer-encoding" not in ok.headers[0]
+
+    # 200 whose answer still lists a failure; 202 that does not say which failed; a
+    # FailureReason without a value (a processing failure: retried).
+    listed = service(lambda uids, studies: (200, {"00081198": _items([uids[0]], 0xC000)}))
+    result = stow_files(_destination(listed.url), outputs)
+    assert result[a].permanent and result[b] is None and result[c] is None  # type: ignore[union-attr]
+    silent = service(lambda uids, studies: (202, None))
+    assert all(
+        not r.permanent and "202" in r  # type: ignore[union-attr]
+        for r in stow_files(_destination(silent.url), outputs).values()
+    )
+    empty = {"00081198": {"vr": "SQ", "Value": [{"00081155": {"vr": "UI", "Value": ["X"]}}]}}
+    empty["00081198"]["Value"] = [
+        {"00081155": {"vr": "UI", "Value": [_uid(a)]}, "00081197": {"vr": "US"}}
+    ]
+    unnamed = service(lambda uids, studies: (409, empty))
+    [failure] = stow_files(_destination(unnamed.url), [a]).values()
+    assert "0x0110" in str(failure) and not failure.permanent  # type: ignore[union-attr]
 
     # 202: a stored, b out of resources (retried), c cannot understand (dead at once).
     partial = service(

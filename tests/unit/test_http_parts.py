@@ -28,9 +28,9 @@ def test_tokens_from_a_file_and_the_environment(tmp_path: Path) -> None:
     path.write_text("other\n")
     os.utime(path, (1, 1))
     assert tokens.name("abc123") is None and tokens.name("other") == "token-1"
-    # A file that went away: the tokens read before stay (and an error is logged).
+    # A file that went away: none of its tokens is accepted any more (and an error is logged).
     path.unlink()
-    assert tokens.name("other") == "token-1"
+    assert tokens.name("other") is None and tokens.configured
     assert not Tokens(None, environ={}).configured
     with pytest.raises(OSError, match="tokens_file"):
         Tokens(tmp_path / "missing", environ={})
@@ -105,3 +105,24 @@ def test_the_page_escapes_what_it_shows() -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert "ORTHO&lt;1&gt;" in page and "A&amp;B" in page and "disk: &lt;full&gt;" in page
     assert "NOT READY" in page and "No dead letters." in page
+
+
+def test_health_from_many_threads_at_once(tmp_path: Path) -> None:
+    """Every caller probes the spool with a file of its own: none sees another's probe vanish."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    spool = Spool(tmp_path / "spool")
+    with ThreadPoolExecutor(8) as pool:
+        problems = list(pool.map(lambda _: spool.health(), range(400)))
+    spool.close()
+    assert all(p == [] for p in problems), [p for p in problems if p][:3]
+    assert not list((tmp_path / "spool" / "instances").iterdir())  # no probe left behind
+
+
+def test_a_cross_site_page_cannot_write() -> None:
+    none = Tokens(None, environ={})
+    request = _request("127.0.0.1")
+    request.headers.update({"origin": "http://evil.example", "host": "127.0.0.1:8080"})
+    assert writer(request, none)[1].status_code == 403  # type: ignore[union-attr]
+    request.headers["origin"] = "http://127.0.0.1:8080"
+    assert writer(request, none) == ("local", None)
