@@ -81,8 +81,13 @@ def send_files(
     paths: Sequence[Path],
     calling_ae_title: str,
     timeout_s: float = 30.0,
+    on_each: Callable[[Path, str | None], None] | None = None,
 ) -> dict[Path, str | None]:
     """Send files over one association; returns path → None (sent) or a :class:`Failure`.
+
+    ``on_each(path, result)`` is called as soon as each C-STORE is answered, so that the
+    outbox records a delivery before the next object goes: a crash mid-association then resends
+    at most the one object in flight, not all those sent since the association opened.
 
     Each file is sent as it is on disk (pynetdicom's chunked sending: the data set is streamed
     from the file without being decoded and re-encoded), under a presentation context for its
@@ -141,6 +146,8 @@ def send_files(
                 )
                 continue
             results[path] = classify(code)
+            if on_each is not None:
+                on_each(path, results[path])
             if code != 0x0000 and results[path] is None:
                 log.warning(
                     "%s answered 0x%04X (%s) for %s: delivered",
@@ -160,13 +167,15 @@ def _send_by_type(
     paths: Sequence[Path],
     calling_ae_title: str,
     timeout_s: float = 30.0,
+    on_each: Callable[[Path, str | None], None] | None = None,
 ) -> dict[Path, str | None]:
-    """C-STORE for a ``dimse`` destination, STOW-RS for a ``dicomweb`` one."""
+    """C-STORE for a ``dimse`` destination, STOW-RS for a ``dicomweb`` one (one request: its
+    results all come with the answer)."""
     if destination.type == "dicomweb":
         from dicom_node.send.stow import stow_files
 
         return stow_files(destination, paths, calling_ae_title)
-    return send_files(destination, paths, calling_ae_title, timeout_s)
+    return send_files(destination, paths, calling_ae_title, timeout_s, on_each)
 
 
 class Sender:
@@ -197,6 +206,7 @@ class Sender:
         self.destinations = {d.key: d for d in destinations}
         self.policy = policy
         self.calling_ae_title = calling_ae_title
+        self._records_each = transport is None
         self.transport = transport or functools.partial(
             _send_by_type, timeout_s=policy.dimse_timeout_s
         )
@@ -242,10 +252,19 @@ class Sender:
         """One association: send ``items``, record each result (never raises)."""
         try:
             started = time.perf_counter()
+            by_path = {i.path: i for i in items}
+            recorded: set[Path] = set()
+
+            def record(path: Path, result: str | None) -> None:
+                if path in by_path and path not in recorded:
+                    recorded.add(path)
+                    self._record(by_path[path], name, result)
+
+            paths = [i.path for i in items]
             try:
-                results = self.transport(
-                    destination, [i.path for i in items], self.calling_ae_title
-                )
+                # The node's own transport records each object as it is answered.
+                more = {"on_each": record} if self._records_each else {}
+                results = self.transport(destination, paths, self.calling_ae_title, **more)
             except Exception as error:  # whatever it is, the items back off and are retried
                 results = {
                     i.path: Failure(f"send failed: {type(error).__name__}: {error}") for i in items
@@ -255,7 +274,7 @@ class Sender:
                 for _ in items:
                     self.observe("send", per_item)
             for item in items:
-                self._record(item, name, results.get(item.path, "not attempted"))
+                record(item.path, results.get(item.path, "not attempted"))
         except Exception:
             log.exception("sending to %s failed unexpectedly; the items stay queued", name)
 
