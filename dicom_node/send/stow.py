@@ -96,7 +96,8 @@ class _Body:
             for piece in self._pieces
         )
         self._chunks = self._iterate()
-        self._left = b""
+        self._chunk = b""  # the piece being sent, from offset _at
+        self._at = 0
 
     def __len__(self) -> int:
         return self._length
@@ -111,14 +112,19 @@ class _Body:
                     yield chunk
 
     def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes (fewer at a piece's end; b"" at the end of the body). The
+        sender reads 8-16 KiB at a time: each read copies only what it returns."""
         if size is None or size < 0:
-            return self._left + b"".join(self._chunks)
-        while len(self._left) < size:
+            rest = self._chunk[self._at :] + b"".join(self._chunks)
+            self._chunk, self._at = b"", 0
+            return rest
+        while self._at >= len(self._chunk):
             chunk = next(self._chunks, None)
             if chunk is None:
-                break
-            self._left += chunk
-        out, self._left = self._left[:size], self._left[size:]
+                return b""
+            self._chunk, self._at = chunk, 0
+        out = self._chunk[self._at : self._at + size]
+        self._at += len(out)
         return out
 
 
