@@ -67,6 +67,7 @@ TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 # Reasons Ingest gives when the spool itself could not keep an instance (not the instance's
 # fault): answered 503, Retry-After; an image refused for its size (0xA700 too) is a 409.
 _STORAGE_TROUBLE = ("storage full", "store failed")
+_NOT_DICOM = "not a DICOM file"  # every part so: 400, not 409
 BODY_TIMEOUT_S = 60.0  # the longest wait for the next chunk of a request body
 
 
@@ -252,13 +253,8 @@ class StowRs:
                 read_preamble(stream, False)
                 meta = _read_file_meta_info(stream)
                 syntax = UID(uid_text(meta.get("TransferSyntaxUID")))
-            except Exception as error:
-                log.warning(
-                    "STOW-RS from %s: a part is not a DICOM file (%s)",
-                    source.address,
-                    type(error).__name__,
-                )
-                outcome = self._ingest.refuse(source, CANNOT_UNDERSTAND, "not a DICOM file")
+            except Exception as error:  # no preamble or file meta information
+                outcome = self._not_dicom(source, error)
                 return outcome, sop_class
             if syntax == DeflatedExplicitVRLittleEndian:
                 # Before pydicom inflates it whole: a small part can inflate to gigabytes.
@@ -276,13 +272,8 @@ class StowRs:
                 dataset = pydicom.dcmread(io.BytesIO(data))
                 text = uid_text(dataset.get("SOPClassUID"))
                 sop_class = text if text and UID(text).is_valid else ""
-            except Exception as error:
-                log.warning(
-                    "STOW-RS from %s: a part cannot be decoded (%s)",
-                    source.address,
-                    type(error).__name__,
-                )
-                outcome = self._ingest.refuse(source, CANNOT_UNDERSTAND, "not a DICOM file")
+            except Exception as error:  # the data set itself does not decode
+                outcome = self._not_dicom(source, error)
                 return outcome, sop_class
             named = {"sop_instance_uid": loggable_uid(dataset.get("SOPInstanceUID"))}
             if sop_class not in STORAGE_SOP_CLASSES:
@@ -307,6 +298,15 @@ class StowRs:
             return outcome, sop_class
         finally:
             self._on_instance(sop_class or "unknown", outcome.status, time.perf_counter() - started)
+
+    def _not_dicom(self, source: Source, error: Exception) -> Outcome:
+        # The exception's name only: a decoding error's message may quote element values.
+        log.warning(
+            "STOW-RS from %s: a part is not a DICOM file (%s)",
+            source.address,
+            type(error).__name__,
+        )
+        return self._ingest.refuse(source, CANNOT_UNDERSTAND, _NOT_DICOM)
 
     # -- the answer -------------------------------------------------------------------------
 
@@ -337,7 +337,7 @@ class StowRs:
             status = 202
         elif all(o.reason in _STORAGE_TROUBLE for o, _ in outcomes):
             status = 503  # the spool's trouble: worth retrying later
-        elif all(o.reason == "not a DICOM file" for o, _ in outcomes):
+        elif all(o.reason == _NOT_DICOM for o, _ in outcomes):
             status = 400
         else:
             status = 409
