@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pydicom.dataset import Dataset
 
-from dicom_node.domain import Outputs, Prediction, PreparedView, StudyJob
+from dicom_node.domain import Explanation, Outputs, Prediction, PreparedView, StudyJob
 from dicom_node.errors import DicomNodeError
 from dicom_node.infer import Observe, Predictor
 from dicom_node.store import Spool
@@ -180,11 +180,21 @@ class Pipeline:
         analysed, excluded = views[: len(prediction.views)], views[len(prediction.views) :]
         if not prediction.applicable and self.when_not_applicable == "skip":
             return [] if self.spool.complete(job, [], list(self.destinations)) else None
-        sc_series = output_uid(*key, "sc-series")
+        # The SCs follow the sources' series: one SC series per source series, so that a
+        # viewer shows each view's overlay as its own series (its own thumbnail, placed by
+        # the hanging protocol) when the views came as separate series, and one stack when
+        # they came as one. One series for every view made OHIF play AP and LAT as a
+        # two-image cine stack behind a single thumbnail, where the LAT is easily missed.
+        source_series = list(dict.fromkeys(v.view.instance.series_instance_uid for v in analysed))
+        in_series: dict[str, int] = {}
         secondary: list[Dataset] = []
+        explanations: list[Explanation] = []
         paths: list[Path] = []
         for number, view in enumerate(analysed, start=1):
             explanation = self.predictor.explain(view, prediction.predicted_index)
+            explanations.append(explanation)
+            series = view.view.instance.series_instance_uid
+            in_series[series] = in_series.get(series, 0) + 1
             started = time.perf_counter()
             capture = self.build_secondary_capture(
                 view.dataset,
@@ -193,10 +203,10 @@ class Pipeline:
                 prediction,
                 spec=spec,
                 version=job.version,
-                series_number=SC_SERIES_NUMBER,
-                instance_number=number,
+                series_number=SC_SERIES_NUMBER + source_series.index(series),
+                instance_number=in_series[series],
                 instance_uid=output_uid(*key, "sc", view.view.instance.sop_instance_uid),
-                series_uid=sc_series,
+                series_uid=output_uid(*key, "sc-series", series),
                 now=now,
             )
             paths.append(self._write(job, capture, f"sc{number}"))
@@ -208,6 +218,7 @@ class Pipeline:
             [v.dataset for v in analysed],
             secondary,
             excluded_sources=[v.dataset for v in excluded],
+            explanations=explanations,
             spec=spec,
             version=job.version,
             series_number=SR_SERIES_NUMBER,

@@ -20,18 +20,26 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import highdicom as hd
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.valuerep import DT
 
-from dicom_node.domain import NOT_APPLICABLE_REASONS, ModelInfo, NotApplicable, Prediction
+from dicom_node.domain import (
+    NOT_APPLICABLE_REASONS,
+    ModelInfo,
+    NotApplicable,
+    Prediction,
+    decide,
+)
 from dicom_node.errors import EncodeError
 from dicom_node.models.codes import PRIVATE_SCHEME
 from dicom_node.tasks import Code, TaskSpec
+from dicom_node.wording import result_text
 
 __all__ = [
     "NOT_APPLICABLE",
@@ -47,6 +55,8 @@ __all__ = [
     "not_applicable_text",
     "patient_study_header",
     "pin_contribution_time",
+    "result_phrase",
+    "saliency_peak",
     "series_description",
     "supersede_statement",
 ]
@@ -257,3 +267,31 @@ def supersede_statement(version: int) -> str | None:
         f"Version {version} of this result: supersedes earlier orthonode results for this "
         "study and task (images received after they were made)"
     )
+
+
+def result_phrase(prediction: Prediction, probabilities: Sequence[float]) -> str:
+    """One image's or the study's result as every output words it (:mod:`dicom_node.wording`):
+    "Zimmer LPS 97 %", "Undetermined — best ...", or, at an operating point, "Present —
+    probability 44 % (called present at ≥ 17 %)". The outputs put the task's label before it
+    ("Hip prosthesis loosening: Present — ...").
+    """
+    probabilities = tuple(float(p) for p in probabilities)
+    best = decide(probabilities, prediction.decision_threshold)
+    unsure = prediction.decision_threshold is None and probabilities[best] < prediction.threshold
+    return result_text(
+        [info.code_meaning for info in prediction.classes],
+        probabilities,
+        predicted=best,
+        abstained=prediction.abstained or unsure,
+        threshold=prediction.threshold,
+        decision_threshold=prediction.decision_threshold,
+    )
+
+
+def saliency_peak(heatmap: np.ndarray) -> tuple[int, int]:
+    """(row, column) of the hottest pixel of a heatmap (the first, in row order, of ties)."""
+    heat = np.nan_to_num(np.asarray(heatmap, dtype=np.float32), nan=-np.inf)
+    if heat.ndim != 2 or heat.size == 0:
+        raise EncodeError(f"a heatmap is a non-empty 2-D array, not of shape {heat.shape}")
+    row, column = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    return int(row), int(column)

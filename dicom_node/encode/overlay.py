@@ -15,19 +15,22 @@ Only numpy and Pillow here; the IOD is built in :mod:`dicom_node.encode.sc`.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from dicom_node.domain import Explanation, Prediction, RegionOfInterest
-from dicom_node.encode.common import fused_view_names
+from dicom_node.encode.common import fused_view_names, result_phrase
 
 __all__ = [
     "BANNER",
     "DEMO_BANNER",
+    "BandLayout",
     "BurnedInText",
     "annotate",
+    "band_layout",
     "blend",
     "burned_in_text",
     "downscale",
@@ -78,29 +81,16 @@ def burned_in_text(
     model = prediction.model
     banner = (BANNER, DEMO_BANNER) if model.demo else (BANNER,)
     top = prediction.classes[prediction.predicted_index]
-    percent = f"{100 * prediction.certainty:.0f}%"
     scope = ""
     if prediction.fused_probabilities is not None:
         scope = f" (fused {fused_view_names(prediction)})"
-    if prediction.abstained:
-        result = (
-            f"{label}: undetermined (best {top.name} {percent}, "
-            f"below {100 * prediction.threshold:.0f}% threshold){scope}"
-        )
-    elif prediction.decision_threshold is not None:
-        positive = prediction.classes[1].name
-        result = (
-            f"{label}: {top.name} (P({positive}) {100 * prediction.probabilities[1]:.0f}%, "
-            f"operating point {100 * prediction.decision_threshold:.0f}%){scope}"
-        )
-    else:
-        result = f"{label}: {top.name} {percent}{scope}"
+    result = f"{label}: {result_phrase(prediction, prediction.probabilities)}{scope}"
     view = explanation.view
     side = {"R": ", right", "L": ", left"}.get(view.laterality or "", "")
     region = "; dashed box: region analysed" if explanation.region is not None else ""
     details: tuple[str, ...] = (
         result,
-        f"{explanation.method} heatmap for {top.name} — {view.view} view{side}{region}",
+        f"{explanation.method} heatmap for {top.code_meaning} — {view.view} view{side}{region}",
         f"Model: {model.name}, version {model.version}",
     )
     if version > 1:
@@ -163,35 +153,57 @@ def blend(display: np.ndarray, heatmap: np.ndarray) -> np.ndarray:
 
 
 def annotate(rgb: np.ndarray, text: BurnedInText) -> np.ndarray:
-    """Draw the banner (top), the details and the colour bar (bottom) over ``rgb``."""
+    """The radiograph on an extended canvas: the banner above it, the details and the colour
+    bar below it, so that no pixel of the image is hidden (uint8 RGB, the image's columns and
+    its rows plus both bands).
+
+    Before, the bands were drawn over the image and hid its bottom ~20 %: on a hip, the tip of
+    the femoral stem, where loosening is judged.
+    """
     rows, columns = rgb.shape[:2]
-    size = int(np.clip(round(min(rows, columns) / 30), 9, 56))
-    line_height = round(size * 1.3)
-    margin = max(2, size // 3)
-    image = Image.fromarray(rgb, mode="RGB")
-    panels = Image.new("L", image.size, 0)
-    panel_draw = ImageDraw.Draw(panels)
-    top_height = margin * 2 + line_height * len(text.banner)
-    bar_height = max(4, size // 2)
-    bottom_height = margin * 3 + line_height * len(text.details) + bar_height + line_height // 2
-    panel_draw.rectangle((0, 0, columns, top_height), fill=200)
-    panel_draw.rectangle((0, rows - bottom_height, columns, rows), fill=170)
-    # Darken behind the text so it reads on any anatomy.
-    image.paste((0, 0, 0), mask=panels)
+    layout = band_layout(rows, columns, text)
+    canvas = np.zeros((layout.top + rows + layout.bottom, columns, 3), dtype=np.uint8)
+    canvas[layout.top : layout.top + rows] = rgb
+    image = Image.fromarray(canvas, mode="RGB")
     draw = ImageDraw.Draw(image)
+    size, line_height, margin = layout.size, layout.line_height, layout.margin
     width = columns - 2 * margin
     y = float(margin)
     font = _fitted_font(draw, text.banner, size, width)
     for line in text.banner:
         _draw_text(draw, (margin, y), line, font, (255, 215, 0))
         y += line_height
-    y = float(rows - bottom_height + margin)
+    y = float(layout.top + rows + margin)
     font = _fitted_font(draw, text.details, size, width)
     for line in text.details:
         _draw_text(draw, (margin, y), line, font, (255, 255, 255))
         y += line_height
-    _draw_colour_bar(draw, margin, round(y + margin), columns, size, bar_height)
+    _draw_colour_bar(draw, margin, round(y + margin), columns, size, layout.bar_height)
     return np.asarray(image, dtype=np.uint8).copy()
+
+
+@dataclass(frozen=True)
+class BandLayout:
+    """Heights (pixels) of the bands above and below the radiograph, and the text metrics."""
+
+    top: int
+    bottom: int
+    size: int
+    line_height: int
+    margin: int
+    bar_height: int
+
+
+def band_layout(rows: int, columns: int, text: BurnedInText) -> BandLayout:
+    """Where :func:`annotate` puts the text: a top band for the banner, a bottom band for the
+    details and the colour bar; the font follows the image's shorter side."""
+    size = int(np.clip(round(min(rows, columns) / 30), 9, 56))
+    line_height = round(size * 1.3)
+    margin = max(2, size // 3)
+    bar_height = max(4, size // 2)
+    top = margin * 2 + line_height * len(text.banner)
+    bottom = margin * 3 + line_height * len(text.details) + bar_height + line_height // 2
+    return BandLayout(top, bottom, size, line_height, margin, bar_height)
 
 
 def _colour_map(values: np.ndarray) -> np.ndarray:
@@ -212,11 +224,22 @@ def _font_size(font: _Font) -> float:
     return float(getattr(font, "size", 10))
 
 
+# Characters the default font lacks, drawn by hand: the em dash as a line one em wide, "≥"
+# as ">" over a short rule (the wording module uses both).
+_DRAWN = re.compile("([—≥])")
+
+
 def _text_width(draw: ImageDraw.ImageDraw, text: str, font: _Font) -> float:
-    # The default font has no em dash glyph: _draw_text draws it as a line one em wide.
-    parts = text.split("—")
-    dashes = _font_size(font) * (len(parts) - 1)
-    return sum(draw.textlength(part, font=font) for part in parts) + dashes
+    size = _font_size(font)
+    width = 0.0
+    for part in _DRAWN.split(text):
+        if part == "—":
+            width += size
+        elif part == "≥":
+            width += draw.textlength(">", font=font)
+        else:
+            width += draw.textlength(part, font=font)
+    return width
 
 
 def _fitted_font(draw: ImageDraw.ImageDraw, lines: tuple[str, ...], size: int, width: int) -> _Font:
@@ -237,15 +260,20 @@ def _draw_text(
 ) -> None:
     x, y = xy
     size = _font_size(font)
-    for index, part in enumerate(text.split("—")):
-        if index > 0:
+    stroke = max(1, round(size / 12))
+    for part in _DRAWN.split(text):
+        if part == "—":
             middle = round(y + 0.55 * size)
-            draw.line(
-                (x + 0.15 * size, middle, x + 0.85 * size, middle),
-                fill=fill,
-                width=max(1, round(size / 12)),
-            )
+            draw.line((x + 0.15 * size, middle, x + 0.85 * size, middle), fill=fill, width=stroke)
             x += size
+            continue
+        if part == "≥":
+            draw.text((x, y - 0.08 * size), ">", font=font, fill=fill)
+            width = draw.textlength(">", font=font)
+            rule = round(y + 0.92 * size)
+            draw.line((x + 0.1 * width, rule, x + 0.9 * width, rule), fill=fill, width=stroke)
+            x += width
+            continue
         draw.text((x, y), part, font=font, fill=fill)
         x += draw.textlength(part, font=font)
 

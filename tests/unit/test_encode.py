@@ -46,15 +46,23 @@ from dicom_node.encode.common import (
     not_applicable_text,
     series_description,
 )
-from dicom_node.encode.overlay import BANNER, DEMO_BANNER, burned_in_text
+from dicom_node.encode.overlay import (
+    BANNER,
+    DEMO_BANNER,
+    BurnedInText,
+    band_layout,
+    burned_in_text,
+)
 from dicom_node.errors import EncodeError
 from dicom_node.models.codes import PRIVATE_SCHEME, classes_for
 from dicom_node.preprocess import display_image
 from dicom_node.tasks import TaskSpec, builtin_task, parse_spec
+from dicom_node.wording import percent_text
 from tests.conftest import make_set, require_tool
 from tests.factories import KNEE_OA_SPEC, PIXELMED_SR_VALIDATOR
 
 NOW = dt.datetime(2025, 3, 4, 5, 6, 7)
+WARNING_STATEMENT = "AI-generated result by orthonode: NOT FOR DIAGNOSTIC USE"
 DEVICE_UID = "1.2.826.0.1.3680043.8.498.424242"
 UNDETERMINED = "373068000"
 
@@ -291,8 +299,33 @@ def read_report(ds: Dataset) -> hd.sr.MeasurementReport:
     return content
 
 
-def measurement_groups(ds: Dataset) -> list[hd.sr.MeasurementsAndQualitativeEvaluations]:
-    return list(read_report(ds).get_image_measurement_groups())
+Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+
+
+def measurement_groups(ds: Dataset) -> list[Group]:
+    """The result groups: one per analysed image (TID 1410, on its region), then the
+    study-level fused group (TID 1501); the saliency-peak groups are left out."""
+    report = read_report(ds)
+    planar = [g for g in report.get_planar_roi_measurement_groups() if not is_peak(g)]
+    return [*planar, *report.get_image_measurement_groups()]
+
+
+def peak_groups(ds: Dataset) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    return [g for g in read_report(ds).get_planar_roi_measurement_groups() if is_peak(g)]
+
+
+def is_peak(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> bool:
+    roi = group.roi
+    return roi is not None and roi.graphic_type == hd.sr.GraphicTypeValues.POINT
+
+
+def group_images(group: Group) -> list[str]:
+    """SOP Instance UIDs of the images a group is about (its region's, or its sources)."""
+    if isinstance(group, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
+        roi = group.roi
+        assert roi is not None
+        return [str(roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)]
+    return [image.referenced_sop_instance_uid for image in group.source_images]
 
 
 def evaluation(group: hd.sr.MeasurementsAndQualitativeEvaluations) -> hd.sr.CodedConcept:
@@ -341,11 +374,9 @@ def test_sr_groups_carry_the_predicted_class_and_certainty(
         assert group.tracking_identifier and group.tracking_uid
         tracking_uids.add(group.tracking_uid)
         if index < len(case.sources):
-            (image,) = group.source_images
-            assert image.referenced_sop_instance_uid == case.sources[index].SOPInstanceUID
+            assert group_images(group) == [case.sources[index].SOPInstanceUID]
         else:
-            referenced = {image.referenced_sop_instance_uid for image in group.source_images}
-            assert referenced == {ds.SOPInstanceUID for ds in case.sources}
+            assert set(group_images(group)) == {ds.SOPInstanceUID for ds in case.sources}
     assert len(tracking_uids) == len(groups)
 
 
@@ -624,7 +655,18 @@ def undeclared_private_schemes(sr: Dataset) -> set[str]:
 
 
 def supersede_texts(sr: Dataset) -> list[str]:
-    """TEXT values of the root's Qualitative Evaluations container (C0034375, UMLS)."""
+    """TEXT values of the root's Qualitative Evaluations container (C0034375, UMLS), less the
+    statements of the result and the warning."""
+    return [
+        text
+        for text in _container_texts(sr)
+        if not text.startswith(("AI-generated result by orthonode", "Knee implant model: "))
+        and not any(text.startswith(f"{builtin_task(t).label}: ") for t in TASKS)
+        and not text.startswith(f"{knee_oa_spec().label}: ")
+    ]
+
+
+def _container_texts(sr: Dataset) -> list[str]:
     return [
         str(text.TextValue)
         for item in sr.ContentSequence
@@ -663,7 +705,8 @@ def test_sr_codes_come_from_a_custom_spec(phantoms: dict[str, Path], strict_read
     text = burned_in_text(
         case.prediction, Explanation(case.prediction.views[0].view, case.heatmaps[0]), spec.label
     )
-    assert text.details[0].startswith("Knee osteoarthritis grade: KL 2 85%")
+    # The class as the SR codes it (its code meaning), in the one rounding rule.
+    assert text.details[0].startswith("Knee osteoarthritis grade: Kellgren-Lawrence grade 2 85 %")
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -687,8 +730,7 @@ def test_a_view_sent_twice_has_its_own_group_and_the_fused_one_uses_the_latest(
     assert len(groups) == 4
     per_image, fused = groups[:3], groups[3]
     for group, source in zip(per_image, case.sources, strict=True):
-        (image,) = group.source_images
-        assert image.referenced_sop_instance_uid == source.SOPInstanceUID
+        assert group_images(group) == [source.SOPInstanceUID]
     assert [g.tracking_identifier for g in per_image] == [
         "knee AP image 1",
         "knee LAT image 2",
@@ -917,12 +959,24 @@ def reason_items(sr: Dataset) -> list[tuple[str, str, str]]:
     ]
 
 
-def comments(sr: Dataset) -> list[str]:
+def all_comments(sr: Dataset) -> list[str]:
     return [
         str(item.TextValue)
         for item in qualitative_evaluations(sr)
         if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106"
     ]
+
+
+def is_statement(text: str) -> bool:
+    """The study's result or the warning, which every SR states before its other comments."""
+    return text.startswith(WARNING_STATEMENT) or any(
+        text.startswith(f"{spec.label}: ") for spec in (*map(builtin_task, TASKS), knee_oa_spec())
+    )
+
+
+def comments(sr: Dataset) -> list[str]:
+    """The comments on the images not answered on (and supersede notes): no statements."""
+    return [text for text in all_comments(sr) if not is_statement(text)]
 
 
 def assert_no_result(case: NotApplicableCase) -> None:
@@ -1075,7 +1129,12 @@ def test_not_applicable_sr_says_why_and_gives_no_result(
         f"({DETAILS[reason]}); {SCORE_TEXTS[reason]}"
         for number, view in enumerate(views, start=1)
     ]
-    assert len(items) == 2 + count  # nothing else: no supersede comment in version 1
+    # ... and, second, what the content says of its use (demo weights here).
+    assert items[1].ValueType == "TEXT"
+    assert str(items[1].TextValue) == (
+        f"{WARNING_STATEMENT}; DEMO WEIGHTS trained on synthetic phantoms, not for clinical use"
+    )
+    assert len(items) == 3 + count  # nothing else: no supersede comment in version 1
     # The excluded images are still in the Image Library and the evidence.
     excluded = [ds.SOPInstanceUID for ds in case.excluded]
     assert library_uids(sr) == excluded
@@ -1126,8 +1185,7 @@ def test_partly_not_applicable_reports_the_analysed_and_lists_the_excluded(
     (group,) = measurement_groups(sr)
     assert group.tracking_identifier == "knee AP image 1"
     assert evaluation(group).value == one.prediction.classes[1].code_value
-    (image,) = group.source_images
-    assert image.referenced_sop_instance_uid == one.sources[0].SOPInstanceUID
+    assert group_images(group) == [one.sources[0].SOPInstanceUID]
     code = NOT_APPLICABLE_REASON_CODES["no-implant"]
     assert reason_items(sr) == [(code.value, code.scheme, code.meaning)]
     assert comments(sr) == [
@@ -1328,6 +1386,14 @@ def test_not_applicable_srs_pass_pixelmeds_validator(not_applicable_files: dict[
 
 
 # -- Secondary Capture -------------------------------------------------------------------------
+def radiograph(rgb: np.ndarray, rows: int, columns: int, *, demo: bool = True) -> np.ndarray:
+    """The radiograph's part of an SC canvas: below the banner band, above the details."""
+    banner = (BANNER, DEMO_BANNER) if demo else (BANNER,)
+    top = band_layout(rows, columns, BurnedInText(banner=banner, details=())).top
+    assert rgb.shape[0] > top + rows  # the details band lies below the image
+    return rgb[top : top + rows]
+
+
 @pytest.mark.parametrize("task", TASKS)
 def test_sc_attributes(phantoms: dict[str, Path], task: str, strict_reading: None) -> None:
     case = standard_case(phantoms[task], task)
@@ -1343,8 +1409,9 @@ def test_sc_attributes(phantoms: dict[str, Path], task: str, strict_reading: Non
         assert (read.PhotometricInterpretation, read.SamplesPerPixel) == ("RGB", 3)
         assert read.PlanarConfiguration == 0
         assert (read.BitsAllocated, read.BitsStored, read.HighBit) == (8, 8, 7)
-        assert (read.Rows, read.Columns) == (source.Rows, source.Columns)
-        assert read.pixel_array.shape == (source.Rows, source.Columns, 3)
+        # The radiograph whole, on a canvas extended above and below for the text.
+        assert read.Columns == source.Columns and read.Rows > source.Rows
+        assert read.pixel_array.shape == (read.Rows, source.Columns, 3)
         assert read.ConversionType == "WSD"
         assert read.BurnedInAnnotation == "YES"
         assert list(read.ImageType) == ["DERIVED", "SECONDARY", "OTHER"]
@@ -1388,14 +1455,18 @@ def test_sc_attributes(phantoms: dict[str, Path], task: str, strict_reading: Non
 def test_sc_pixels_show_banner_heatmap_and_colour_bar(phantoms: dict[str, Path]) -> None:
     case = standard_case(phantoms["knee"], "knee")
     sc = case.secondary_captures[0]
-    rgb = sc.pixel_array.astype(int)
+    canvas = sc.pixel_array.astype(int)
     grey = np.rint(case.displays[0] * 255).astype(int)
     rows, columns = grey.shape
-    # Banner: the top strip was darkened and written on.
-    top = rgb[: rows // 16]
-    assert np.abs(top - grey[: rows // 16, :, None]).mean() > 20
+    rgb = radiograph(canvas, rows, columns)
+    # Banner: a band above the image, written on in yellow.
+    top = canvas[: canvas.shape[0] - rows][: rows // 8]
     yellow = (top[..., 0] > 150) & (top[..., 1] > 150) & (top[..., 2] < 100)
     assert yellow.sum() > 20  # the banner text
+    # No pixel of the radiograph is hidden: wherever there is no heat, it is the display.
+    cold = case.heatmaps[0] < 0.15
+    assert cold.mean() > 0.5
+    assert (rgb[cold] == grey[cold][:, None]).all()
     # Heatmap: coloured at the blob's centre ...
     centre = rgb[rows // 2 - 5 : rows // 2 + 5, columns // 2 - 5 : columns // 2 + 5]
     assert (np.ptp(centre, axis=2) > 30).all()
@@ -1404,8 +1475,8 @@ def test_sc_pixels_show_banner_heatmap_and_colour_bar(phantoms: dict[str, Path])
     far = rgb[rows // 3 : 2 * rows // 3, :8]
     assert (far[..., 0] == far[..., 1]).all() and (far[..., 1] == far[..., 2]).all()
     assert (far[..., 0] == grey[rows // 3 : 2 * rows // 3, :8]).all()
-    # Colour bar: both ends of the colour map are drawn in the bottom panel.
-    bottom = rgb[-rows // 8 :]
+    # Colour bar: both ends of the colour map are drawn in the band below the image.
+    bottom = canvas[-rows // 8 :]
     red = (bottom[..., 0] > 150) & (bottom[..., 1] < 60) & (bottom[..., 2] < 60)
     blue = (bottom[..., 2] > 150) & (bottom[..., 0] < 60) & (bottom[..., 1] < 60)
     assert red.sum() > 5 and blue.sum() > 5
@@ -1417,8 +1488,8 @@ def test_sc_of_monochrome1_source_uses_the_displayed_image(tmp_path: Path) -> No
     assert sources[0].PhotometricInterpretation == "MONOCHROME1"
     prediction = make_prediction("hip", sources, paths, ["AP"], [(0.2, 0.8)], None)
     case = build_case(sources, paths, prediction)
-    rgb = case.secondary_captures[0].pixel_array
-    rows = rgb.shape[0]
+    rows, columns = case.displays[0].shape
+    rgb = radiograph(case.secondary_captures[0].pixel_array, rows, columns)
     far = rgb[rows // 3 : 2 * rows // 3, :8, 0].astype(int)
     expected = np.rint(case.displays[0][rows // 3 : 2 * rows // 3, :8] * 255)
     assert (far == expected).all()  # bright = dense, as displayed, not the stored values
@@ -1436,8 +1507,9 @@ def test_burned_in_text_names_everything_but_the_patient(phantoms: dict[str, Pat
             assert text.banner[0] == BANNER == "AI-GENERATED — NOT FOR DIAGNOSTIC USE"
             assert DEMO_BANNER in text.banner and "DEMO WEIGHTS" in DEMO_BANNER
             top = prediction.classes[prediction.predicted_index]
-            assert top.name in joined
-            assert f"{100 * prediction.certainty:.0f}%" in joined
+            assert top.code_meaning in joined
+            # One rounding rule with the SR: whole percent, a space before the sign.
+            assert f"{top.code_meaning} {percent_text(prediction.certainty)}" in joined
             assert prediction.model.name in joined and prediction.model.version in joined
             assert "Grad-CAM" in joined
             identifiers = [
@@ -1457,7 +1529,9 @@ def test_burned_in_text_undetermined_and_not_demo(phantoms: dict[str, Path]) -> 
     explanation = Explanation(prediction.views[0].view, case.heatmaps[0], "Integrated gradients")
     text = burned_in_text(prediction, explanation, HIP.label)
     joined = "\n".join([*text.banner, *text.details])
-    assert "undetermined" in text.details[0]
+    assert text.details[0] == (
+        "Hip prosthesis loosening: Undetermined — best Present 55 %, below the 60 % threshold"
+    )
     assert "Integrated gradients" in joined
     assert "DEMO" not in joined and text.banner == (BANNER,)
 
@@ -1473,9 +1547,10 @@ def test_sc_downscales_very_large_sources(phantoms: dict[str, Path]) -> None:
     sc = build_secondary_capture(
         big, display, Explanation(prediction.views[0].view, heat), prediction, spec=HIP, now=NOW
     )
-    assert (sc.Rows, sc.Columns) == (1367, 334)  # factor 3, rounded up
+    # Factor 3, rounded up: the radiograph is 1367 x 334, with the bands above and below it.
+    assert sc.Columns == 334
+    assert radiograph(sc.pixel_array, 1367, 334).shape == (1367, 334, 3)
     assert "downscaled by 3" in sc.DerivationDescription
-    assert sc.pixel_array.shape == (1367, 334, 3)
 
 
 def test_sc_rejects_a_heatmap_off_the_grid_or_of_another_image(phantoms: dict[str, Path]) -> None:
@@ -1508,7 +1583,7 @@ def test_sc_outlines_the_analysed_region_and_names_the_operating_point(
     heat = np.zeros_like(display)
     explanation = Explanation(prediction.views[0].view, heat, region=region)
     sc = build_secondary_capture(sources[0], display, explanation, prediction, spec=HIP, now=NOW)
-    rgb = sc.pixel_array.astype(int)
+    rgb = radiograph(sc.pixel_array, *display.shape).astype(int)
     grey = np.rint(display * 255).astype(int)
     top_edge = rgb[rows // 4, : rows // 2 - 10]
     # Dashed light-grey edge: about half of its pixels changed to (220, 220, 220).
@@ -1518,8 +1593,10 @@ def test_sc_outlines_the_analysed_region_and_names_the_operating_point(
     assert (rgb[rows // 2, 0] == grey[rows // 2, 0]).all()
     assert "outlined" in sc.DerivationDescription
     text = burned_in_text(prediction, explanation, HIP.label)
-    # P(loose) 30 % reaches the 25 % operating point: "loose", with both numbers shown.
-    assert text.details[0].endswith(": loose (P(loose) 30%, operating point 25%)")
+    # P(loose) 30 % reaches the 25 % operating point: a decision, with both numbers shown.
+    assert text.details[0] == (
+        "Hip prosthesis loosening: Present — probability 30 % (called present at ≥ 25 %)"
+    )
     assert "dashed box" in text.details[1]
 
 
@@ -1533,11 +1610,15 @@ def test_sc_of_a_later_version_says_it_supersedes(phantoms: dict[str, Path]) -> 
     assert two.details[: len(one.details)] == one.details
     assert two.details[len(one.details) :] == ("Result version 2 — supersedes earlier results",)
     assert not any("supersede" in line for line in [*one.banner, *one.details])
-    # The extra line is drawn: only the bottom panel differs, and it grew upwards.
+    # The extra line is drawn: the band below the image grew; the image and the banner are
+    # the same pixels.
     a = first.secondary_captures[0].pixel_array.astype(int)
     b = second.secondary_captures[0].pixel_array.astype(int)
-    changed = np.flatnonzero(np.abs(a - b).sum(axis=(1, 2)))
-    assert changed.size and changed.min() > a.shape[0] // 2
+    rows, columns = first.displays[0].shape
+    assert b.shape[0] > a.shape[0]
+    top = band_layout(rows, columns, one).top
+    assert np.array_equal(a[: top + rows], b[: top + rows])
+    assert not np.array_equal(a[-a.shape[0] // 8 :], b[-a.shape[0] // 8 :])
     assert first.secondary_captures[0].SeriesDescription == (
         second.secondary_captures[0].SeriesDescription
     )
@@ -1549,7 +1630,7 @@ def test_sc_burns_in_the_label_of_the_spec(phantoms: dict[str, Path]) -> None:
     relabelled = HIP.model_copy(update={"label": "Cup and stem fixation"})
     explanation = Explanation(prediction.views[0].view, np.zeros((4, 4), dtype=np.float32))
     text = burned_in_text(prediction, explanation, relabelled.label)
-    assert text.details[0] == "Cup and stem fixation: loose 80%"
+    assert text.details[0] == "Cup and stem fixation: Present 80 %"
     display = display_image(sources[0])
     explanation = Explanation(prediction.views[0].view, np.zeros_like(display))
     default = build_secondary_capture(sources[0], display, explanation, prediction, spec=HIP)
