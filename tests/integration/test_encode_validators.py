@@ -12,7 +12,9 @@ lateral sent twice; the fused group combines AP and the second LAT), and version
 from __future__ import annotations
 
 import copy
+import html
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -133,11 +135,40 @@ def test_dsrdump_accepts_the_sr(written: dict[str, dict[str, list[Path]]], case:
     # What the validators checked holds what this case is about (codes and text in full).
     full = _run([dsrdump, "-q", "+Pl", "+Pc", str(written[case]["sr"][0])]).stdout
     later = case in LATER_VERSIONS
-    assert ('(C0034375,UMLS,"Qualitative Evaluations")' in full) is later
+    # The result and the use statements are in every SR's content.
+    assert '(C0034375,UMLS,"Qualitative Evaluations")' in full
+    assert "AI-generated result by orthonode: NOT FOR DIAGNOSTIC USE" in full
     assert ("Version 2 of this result: supersedes earlier orthonode results" in full) is later
+    # Each analysed image: its region (POLYLINE) and its saliency peak (POINT).
+    images = len(written[case]["sources"])
+    assert full.count('"Image Region")=(POLYLINE,') == images
+    assert full.count('"Image Region")=(POINT,') == images
     if case.startswith("knee-oa"):
         assert '(KL-GRADE,99MYSITE,"Kellgren-Lawrence grade")' in full
-        assert full.count('(125007,DCM,"Measurement Group")') == 4
+        # 3 images, each with its region's and its peak's group, and the fused group.
+        assert full.count('(125007,DCM,"Measurement Group")') == 7
+
+
+@pytest.mark.parametrize("case", ["knee", "hip", "spine"])
+def test_dsr2html_renders_the_result_the_regions_and_the_warning(
+    written: dict[str, dict[str, list[Path]]], case: str
+) -> None:
+    """What dcmtk's SR renderer shows a reader: the statements first, then each group."""
+    dsr2html = require_tool("dsr2html")
+    result = _run([dsr2html, "-q", "+U8", str(written[case]["sr"][0])])
+    assert result.returncode == 0, result.stderr
+    page = html.unescape(re.sub(r"<[^>]+>", " ", result.stdout))
+    text = " ".join(page.split())
+    label = {"knee": "Knee implant model", "hip": "Hip prosthesis loosening"}.get(
+        case, "Spinal screw brand"
+    )
+    assert f"{label}: " in text
+    assert "NOT FOR DIAGNOSTIC USE" in text and "DEMO WEIGHTS" in text
+    assert "Polyline" in text and "Point" in text  # the regions, as dsr2html names them
+    assert "saliency peak" in text
+    # dsr2html writes a group's numbers without their concept names ("80.0 %"): the called
+    # class is read from the group's coded evaluation.
+    assert re.search(r"\d+\.\d %", text)
 
 
 def _pixelmed() -> tuple[str, Path]:

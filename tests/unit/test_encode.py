@@ -78,6 +78,7 @@ class Case:
     heatmaps: list[np.ndarray]
     secondary_captures: list[Dataset]
     report: Dataset
+    explanations: list[Explanation]
 
 
 # -- building cases --------------------------------------------------------------------------
@@ -155,11 +156,15 @@ def build_case(
     """SCs of every view and the SR, for ``spec`` (default: the built-in spec of the task)."""
     spec = spec or builtin_task(prediction.task)
     displays, heatmaps, captures = [], [], []
+    explanations: list[Explanation] = []
     series_uid = pydicom.uid.generate_uid()
     for number, (ds, view) in enumerate(zip(sources, prediction.views, strict=True), start=1):
         display = display_image(ds)
         heat = blob(ds.Rows, ds.Columns, (ds.Rows / 2, ds.Columns / 2), ds.Rows / 12)
-        explanation = Explanation(view=view.view, heatmap=heat, method=method)
+        # The localiser's square, past the image's left edge as it may be.
+        region = RegionOfInterest(top=ds.Rows // 8, left=-ds.Columns // 16, side=3 * ds.Rows // 4)
+        explanation = Explanation(view=view.view, heatmap=heat, method=method, region=region)
+        explanations.append(explanation)
         captures.append(
             build_secondary_capture(
                 ds,
@@ -176,9 +181,15 @@ def build_case(
         displays.append(display)
         heatmaps.append(heat)
     report = build_structured_report(
-        prediction, sources, captures, spec=spec, version=version, now=NOW
+        prediction,
+        sources,
+        captures,
+        spec=spec,
+        version=version,
+        explanations=explanations,
+        now=NOW,
     )
-    return Case(sources, paths, prediction, displays, heatmaps, captures, report)
+    return Case(sources, paths, prediction, displays, heatmaps, captures, report, explanations)
 
 
 def standard_case(
@@ -299,7 +310,10 @@ def read_report(ds: Dataset) -> hd.sr.MeasurementReport:
     return content
 
 
-Group = hd.sr.MeasurementsAndQualitativeEvaluations | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+Group = (
+    hd.sr.MeasurementsAndQualitativeEvaluations
+    | hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+)
 
 
 def measurement_groups(ds: Dataset) -> list[Group]:
@@ -1463,8 +1477,9 @@ def test_sc_pixels_show_banner_heatmap_and_colour_bar(phantoms: dict[str, Path])
     top = canvas[: canvas.shape[0] - rows][: rows // 8]
     yellow = (top[..., 0] > 150) & (top[..., 1] > 150) & (top[..., 2] < 100)
     assert yellow.sum() > 20  # the banner text
-    # No pixel of the radiograph is hidden: wherever there is no heat, it is the display.
-    cold = case.heatmaps[0] < 0.15
+    # No pixel of the radiograph is hidden: wherever there is no heat (and not on the dashed
+    # outline of the analysed region), it is the display.
+    cold = (case.heatmaps[0] < 0.15) & ~(rgb == 220).all(axis=-1)
     assert cold.mean() > 0.5
     assert (rgb[cold] == grey[cold][:, None]).all()
     # Heatmap: coloured at the blob's centre ...
@@ -1636,3 +1651,159 @@ def test_sc_burns_in_the_label_of_the_spec(phantoms: dict[str, Path]) -> None:
     default = build_secondary_capture(sources[0], display, explanation, prediction, spec=HIP)
     other = build_secondary_capture(sources[0], display, explanation, prediction, spec=relabelled)
     assert not np.array_equal(default.pixel_array, other.pixel_array)
+
+
+# -- what a viewer draws and shows -------------------------------------------------------------
+def region_points(group: hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations) -> np.ndarray:
+    roi = group.roi
+    assert roi is not None
+    return np.asarray(roi.value, dtype=float)
+
+
+def first_measurement(group: Group) -> tuple[str, float]:
+    """The first NUM of a group: what OHIF's SR display writes first on the drawn region."""
+    container = group[0]
+    (first, *_) = [item for item in container.ContentSequence if item.ValueType == "NUM"]
+    meaning = str(first.ConceptNameCodeSequence[0].CodeMeaning)
+    return meaning, float(first.MeasuredValueSequence[0].NumericValue)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_each_image_group_draws_the_region_the_classifier_read(
+    phantoms: dict[str, Path], task: str, strict_reading: None
+) -> None:
+    case = standard_case(phantoms[task], task)
+    roundtrip(case.report)
+    groups = measurement_groups(case.report)
+    per_image = groups[: len(case.sources)]
+    assert len(per_image) == len(case.sources)
+    for group, source, explanation in zip(per_image, case.sources, case.explanations, strict=True):
+        assert isinstance(group, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
+        assert group.roi is not None and group.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        assert group_images(group) == [source.SOPInstanceUID]
+        points = region_points(group)
+        region = explanation.region
+        assert region is not None and region.left < 0
+        # A closed box, clipped to the image (the square starts past the left edge).
+        assert points.shape == (5, 2) and (points[0] == points[-1]).all()
+        columns, rows = points[:, 0], points[:, 1]
+        assert (columns.min(), columns.max()) == (0.0, float(region.left + region.side))
+        assert (rows.min(), rows.max()) == (float(region.top), float(region.top + region.side))
+        assert columns.max() <= source.Columns and rows.max() <= source.Rows
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_each_image_has_a_saliency_peak_labelled_with_the_finding(
+    phantoms: dict[str, Path], task: str
+) -> None:
+    case = standard_case(phantoms[task], task)
+    peaks = peak_groups(case.report)
+    assert len(peaks) == len(case.sources)
+    for group, source, heat, view in zip(
+        peaks, case.sources, case.heatmaps, case.prediction.views, strict=True
+    ):
+        assert group_images(group) == [source.SOPInstanceUID]
+        row, column = np.unravel_index(int(np.argmax(heat)), heat.shape)
+        assert region_points(group).tolist() == [[column + 0.5, row + 0.5]]
+        assert group.method is not None and group.method.value == "130403"  # Grad-CAM
+        assert str(group.tracking_identifier).endswith("saliency peak")
+        assert group.get_qualitative_evaluations() == []  # the box's group makes the call
+        best = int(np.argmax(view.probabilities))
+        meaning, value = first_measurement(group)
+        assert meaning == case.prediction.classes[best].code_meaning
+        assert value == pytest.approx(100 * view.probabilities[best], abs=0.01)
+
+
+def test_the_first_number_of_each_group_is_the_result(phantoms: dict[str, Path]) -> None:
+    case = standard_case(phantoms["knee"], "knee")
+    prediction = case.prediction
+    probabilities = [v.probabilities for v in prediction.views]
+    assert prediction.fused_probabilities is not None
+    for group, probs in zip(
+        measurement_groups(case.report),
+        [*probabilities, prediction.fused_probabilities],
+        strict=True,
+    ):
+        best = int(np.argmax(probs))
+        assert first_measurement(group) == (
+            prediction.classes[best].code_meaning,
+            pytest.approx(round(100 * probs[best], 2)),
+        )
+        # Every class's probability is still there, most probable first after the call.
+        names = [
+            str(item.ConceptNameCodeSequence[0].CodeMeaning)
+            for item in group[0].ContentSequence
+            if item.ValueType == "NUM"
+        ]
+        assert sorted(names[:-1]) == sorted(info.code_meaning for info in prediction.classes)
+        assert names[-1] == "Certainty of Finding"
+
+
+def test_an_operating_point_is_stated_beside_the_probability(phantoms: dict[str, Path]) -> None:
+    sources, paths, _ = read_sources(phantoms["hip"])
+    prediction = replace(
+        make_prediction("hip", sources, paths, ["AP"], [(0.56, 0.44)], None, threshold=0.0),
+        decision_threshold=0.17,
+    )
+    case = build_case(sources, paths, prediction)
+    (group,) = measurement_groups(case.report)
+    numbers = [
+        (str(item.ConceptNameCodeSequence[0].CodeMeaning), item.ConceptNameCodeSequence[0])
+        for item in group[0].ContentSequence
+        if item.ValueType == "NUM"
+    ]
+    assert [name for name, _ in numbers[:2]] == ["Present", "Called present at or above"]
+    assert numbers[1][1].CodingSchemeDesignator == PRIVATE_SCHEME
+    assert evaluation(group).meaning == "Present"  # 44 % ≥ 17 %: called present
+    (text,) = [t for t in all_comments(case.report) if t.startswith("Hip prosthesis")]
+    assert text == "Hip prosthesis loosening: Present — probability 44 % (called present at ≥ 17 %)"
+    assert undeclared_private_schemes(case.report) == set()
+
+
+@pytest.mark.parametrize("demo", [True, False])
+def test_the_content_states_the_result_and_its_use_first(
+    phantoms: dict[str, Path], demo: bool, strict_reading: None
+) -> None:
+    case = standard_case(phantoms["knee"], "knee")
+    prediction = replace(case.prediction, model=replace(case.prediction.model, demo=demo))
+    sr = roundtrip(build_structured_report(prediction, case.sources, [], spec=KNEE, now=NOW))
+    assert sr.SpecificCharacterSet == "ISO_IR 192"  # "—" and "≥" survive the round trip
+    first, second, *_ = all_comments(sr)
+    best = prediction.classes[prediction.predicted_index]
+    assert first == (
+        f"Knee implant model: {best.code_meaning} {percent_text(prediction.certainty)} "
+        "(study level, fused AP+LAT)"
+    )
+    assert second.startswith(WARNING_STATEMENT)
+    assert ("DEMO WEIGHTS" in second) is demo
+
+
+def test_sr_without_explanations_still_draws_the_whole_image(phantoms: dict[str, Path]) -> None:
+    sources, paths, rows = read_sources(phantoms["knee"])
+    n = len(classes_for("knee"))
+    prediction = make_prediction(
+        "knee", sources, paths, [r["view"] for r in rows], [peaked(n, 2, 0.9)] * 2, None
+    )
+    report = build_structured_report(prediction, sources, [], spec=KNEE, now=NOW)
+    assert peak_groups(report) == []
+    for group, source in zip(measurement_groups(report), sources, strict=True):
+        assert isinstance(group, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
+        points = region_points(group)
+        assert (points[:, 0].min(), points[:, 0].max()) == (0.0, float(source.Columns))
+        assert (points[:, 1].min(), points[:, 1].max()) == (0.0, float(source.Rows))
+
+
+def test_sr_rejects_explanations_of_other_images(phantoms: dict[str, Path]) -> None:
+    case = standard_case(phantoms["knee"], "knee")
+    with pytest.raises(EncodeError, match="explanation"):
+        build_structured_report(
+            case.prediction,
+            case.sources,
+            [],
+            spec=KNEE,
+            explanations=list(reversed(case.explanations)),
+        )
+    with pytest.raises(EncodeError, match="explanation"):
+        build_structured_report(
+            case.prediction, case.sources, [], spec=KNEE, explanations=case.explanations[:1]
+        )
