@@ -446,9 +446,10 @@ def _image_group(
 
     The region is what OHIF's SR display and the cornerstone SR adapters draw on the
     radiograph; they label it with the group's NUM items, at most five lines of "concept:
-    value unit" (OHIF 3.13), so the first NUM is the result: the called class's probability
-    (and, at an operating point, that point). The saliency-peak group (``evaluation`` False)
-    repeats that first NUM as its label and makes no call of its own.
+    value unit" (OHIF 3.13.2 writes the value with two decimals, "Zimmer LPS: 97.12 %"), so
+    the first NUM is the result: the called class's probability (and, at an operating point,
+    that point). The saliency-peak group (``evaluation`` False) repeats that first NUM as its
+    label and makes no call of its own; it has no finding site (see below).
     """
     side = _LATERALITY.get(laterality or "")
     measurements = _measurements(prediction, probabilities)
@@ -457,7 +458,11 @@ def _image_group(
         referenced_region=region,
         finding_type=_concept(spec.finding),
         method=method,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=_concept(spec.site), laterality=side)],
+        # OHIF adds the site to the drawn label as "363698007: Knee joint"; on the peak it
+        # would be the second of two lines, so the peak leaves it to its image's group.
+        finding_sites=[hd.sr.FindingSite(anatomic_location=_concept(spec.site), laterality=side)]
+        if evaluation
+        else None,
         algorithm_id=hd.sr.AlgorithmIdentification(
             name=prediction.model.name, version=prediction.model.version
         ),

@@ -159,7 +159,10 @@ def test_study_round_trip(
     series = json.loads(
         orthanc.get_bytes(f"/dicom-web/studies/{study_uid}/series", accept="application/dicom+json")
     )
-    assert len(series) == 2  # the SR series and the SC series
+    # The SR series and one SC series per source series (each phantom view is its own series).
+    assert len(series) == 1 + views
+    numbers = sorted(int(s["00200011"]["Value"][0]) for s in series)
+    assert numbers == list(range(9001, 9002 + views))
 
 
 def _walk(items: Any) -> Iterator[Any]:

@@ -1708,6 +1708,7 @@ def test_each_image_has_a_saliency_peak_labelled_with_the_finding(
         assert group.method is not None and group.method.value == "130403"  # Grad-CAM
         assert str(group.tracking_identifier).endswith("saliency peak")
         assert group.get_qualitative_evaluations() == []  # the box's group makes the call
+        assert group.finding_sites == []  # OHIF would print "363698007: ..." beside it
         best = int(np.argmax(view.probabilities))
         meaning, value = first_measurement(group)
         assert meaning == case.prediction.classes[best].code_meaning
