@@ -3,7 +3,11 @@
 The request body, ``multipart/related; type="application/dicom"``, is streamed through
 python-multipart's parser into one temporary file per part under the spool (never held whole in
 memory); the body is capped (``http.max_upload_mb``: 413) and so is each instance
-(``node.max_dataset_mb``: 413). Each part is then decoded with pydicom and handed to the same
+(``node.max_dataset_mb``: 413). As an extension to PS3.18 (whose STOW-RS request is always
+multipart/related), a body of ``Content-Type: application/dicom`` is taken as one instance, so
+that ``curl --data-binary @file.dcm -H 'Content-Type: application/dicom'`` works.
+
+Each part is then decoded with pydicom and handed to the same
 :class:`~dicom_node.receive.ingest.Ingest` as C-STORE's, so it is checked, stored and fsynced
 the same way, before the answer goes back. The answer is DICOM JSON with ReferencedSOPSequence
 (stored, duplicates included) and FailedSOPSequence (FailureReason per instance), and a
@@ -13,9 +17,9 @@ the same way, before the answer goes back. The answer is DICOM JSON with Referen
 * 409 none stored (SOP class not supported 0x0122, transfer syntax not supported 0xC122, a
   study UID that is not the request's 0xA900, an image the node cannot read 0xA900 / 0xC210);
 * 400 a body that is not multipart, or no part is a DICOM file; 415 a Content-Type other than
-  ``multipart/related; type="application/dicom"`` (the metadata + bulk data form is not
-  supported); 413 too large; 503 (``Retry-After``) when the spool is below its disk reserve
-  or cannot be written.
+  ``multipart/related; type="application/dicom"`` or ``application/dicom`` (the metadata + bulk
+  data form is not supported), its reason saying what to send; 413 too large; 503
+  (``Retry-After``) when the spool is below its disk reserve or cannot be written.
 """
 
 from __future__ import annotations
@@ -60,6 +64,16 @@ __all__ = ["StowRs"]
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
+_DICOM = b"application/dicom"
+_MULTIPART = b"multipart/related"
+#: The 415's advice: what a STOW-RS request must look like (docs/conformance.md, "STOW-RS").
+_WHAT_TO_SEND = (
+    'send Content-Type: multipart/related; type="application/dicom"; boundary=<boundary>, '
+    "one part per instance, each with Content-Type: application/dicom (e.g. curl -H "
+    "'Content-Type: multipart/related; type=\"application/dicom\"; boundary=XYZ' "
+    "--data-binary @body), or one DICOM file as Content-Type: application/dicom (curl -H "
+    "'Content-Type: application/dicom' --data-binary @file.dcm)"
+)
 SOP_CLASS_NOT_SUPPORTED = 0x0122
 TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
 
@@ -128,8 +142,35 @@ class _Body:
             part.file.close()
 
 
+class _SinglePart:
+    """In place of the multipart parser for an ``application/dicom`` body: one part, the body."""
+
+    def __init__(self, body: _Body) -> None:
+        self._body = body
+
+    def write(self, data: bytes) -> int:
+        if not self._body.parts:
+            self._body._begin()
+            self._body.parts[-1].content_type = _DICOM
+        self._body._data(data, 0, len(data))
+        return len(data)
+
+    def finalize(self) -> None:
+        pass
+
+
 def _error(status: int, message: str, **headers: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _content_type(kind: bytes, part_type: bytes) -> str:
+    """The request's Content-Type, in words for a 415."""
+    if not kind:
+        return "a request without a Content-Type"
+    text = kind.decode(errors="replace")
+    if kind == _MULTIPART:
+        return f"Content-Type {text} with type {part_type.decode(errors='replace')}"
+    return f"Content-Type {text}"
 
 
 class StowRs:
@@ -157,17 +198,20 @@ class StowRs:
         if study is not None and not UID(study).is_valid:
             return _error(400, "the Study Instance UID in the path is not a valid UID")
         kind, params = parse_options_header(request.headers.get("content-type", ""))
-        part_type = params.get(b"type", b"application/dicom").strip(b'"').lower()
-        if kind != b"multipart/related" or part_type != b"application/dicom":
+        kind = kind.lower()
+        part_type = params.get(b"type", _DICOM).strip(b'"').lower()
+        if kind not in (_MULTIPART, _DICOM) or (kind == _MULTIPART and part_type != _DICOM):
             return _error(
-                415,
-                'send multipart/related; type="application/dicom" (each part a DICOM file); '
-                f"{kind.decode(errors='replace')!r} with type "
-                f"{part_type.decode(errors='replace')!r} is not supported",
+                415, f"{_content_type(kind, part_type)} is not supported: {_WHAT_TO_SEND}"
             )
         boundary = params.get(b"boundary")
-        if not boundary:
-            return _error(400, "the multipart/related Content-Type has no boundary")
+        if kind == _MULTIPART and not boundary:
+            return _error(
+                400,
+                "the multipart/related Content-Type has no boundary: "
+                'send multipart/related; type="application/dicom"; boundary=<the boundary the '
+                "body's parts are separated by>",
+            )
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._max_upload:
             return self._too_large(address, f"{int(declared) >> 20} MiB declared")
@@ -178,7 +222,11 @@ class StowRs:
 
         body = _Body(self._incoming, self._max_instance)
         try:
-            parser = MultipartParser(boundary, body.callbacks())  # type: ignore[arg-type]
+            parser: MultipartParser | _SinglePart
+            if kind == _DICOM:
+                parser = _SinglePart(body)
+            else:
+                parser = MultipartParser(boundary, body.callbacks())  # type: ignore[arg-type]
             total = 0
             chunks = request.stream().__aiter__()
             try:
@@ -214,8 +262,10 @@ class StowRs:
                     f"the spool cannot take the upload ({error.strerror})",
                     **{"Retry-After": "60"},
                 )
-            if parser.state != MultipartState.END:
+            if isinstance(parser, MultipartParser) and parser.state != MultipartState.END:
                 return _error(400, "the multipart/related body ends before its closing boundary")
+            if kind == _DICOM and not body.parts:
+                return _error(400, "the application/dicom body is empty: send one DICOM file")
             if not body.parts:
                 return _error(400, "the multipart/related body has no parts")
             source = Source("STOW-RS", sender, address)

@@ -86,6 +86,9 @@ _HEADER = 6
 _ASSOCIATE_RQ = 0x01
 _P_DATA_TF = 0x04
 _PDU_TYPES = frozenset(range(0x01, 0x08))
+#: DUL states in which the peer closing the connection is the association's normal end:
+#: Sta13, awaiting the transport close after our A-RELEASE-RP or A-ABORT (PS3.8 9.2).
+_CLOSING_STATES = frozenset({"Sta13"})
 _ABORT_SERVICE_PROVIDER = 0x02
 _INVALID_PDU_PARAMETER = 0x06
 
@@ -115,11 +118,13 @@ class GateSettings:
 
 
 class _Dropped(Exception):
-    """The connection is dropped; ``reason`` is the metric label, the message the log line."""
+    """The connection is dropped; ``reason`` is the metric label, the message the log line,
+    ``received`` how many bytes of what was being read had arrived."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, received: int = 0) -> None:
         super().__init__(message)
         self.reason = reason
+        self.received = received
 
 
 def _read_exact(sock: socket.socket, count: int, deadline: float, what: str) -> bytes:
@@ -139,7 +144,9 @@ def _read_exact(sock: socket.socket, count: int, deadline: float, what: str) -> 
         except (OSError, ssl.SSLError) as error:
             raise _Dropped("closed", f"{what}: {type(error).__name__}") from None
         if not chunk:
-            raise _Dropped("closed", f"{what}: closed after {len(chunks)} of {count} bytes")
+            raise _Dropped(
+                "closed", f"{what}: closed after {len(chunks)} of {count} bytes", len(chunks)
+            )
         chunks += chunk
     return bytes(chunks)
 
@@ -198,6 +205,7 @@ class GuardedDUL(DULServiceProvider):
         timeout = self.assoc.network_timeout
         deadline = time.monotonic() + (timeout if timeout is not None else 3600.0)
         address = self.assoc.requestor.address
+        header = b""
         try:
             header = _read_exact(raw, _HEADER, deadline, "PDU header")
             pdu_type, length = _header(header)
@@ -217,7 +225,7 @@ class GuardedDUL(DULServiceProvider):
                 self._count_dataset(body)
         except _Dropped as dropped:
             if dropped.reason == "closed":
-                log.info("association with %s: %s", address, dropped)
+                self._log_closed(dropped, between_pdus=not header)
             else:
                 log.warning("association with %s aborted: %s", address, dropped)
                 self._abort(raw)
@@ -231,6 +239,24 @@ class GuardedDUL(DULServiceProvider):
                 with contextlib.suppress(OSError):
                     raw.settimeout(timeout)
         self._deliver(bytearray(header + body))
+
+    def _log_closed(self, dropped: _Dropped, between_pdus: bool) -> None:
+        """The peer closed the connection: the normal end after a release, else an anomaly."""
+        address = self.assoc.requestor.address
+        state = self.state_machine.current_state
+        if between_pdus and not dropped.received and state in _CLOSING_STATES:
+            # Sta13: we sent the A-RELEASE-RP (or an A-ABORT); the requestor closes the
+            # connection on reading it (PS3.8 9.2, action AR-3), and dcmtk often does so
+            # before pynetdicom's next look at the socket closes our side.
+            log.debug("association with %s: ended, the peer closed the connection", address)
+        elif between_pdus and not dropped.received:
+            log.info(
+                "association with %s: the peer closed the connection without releasing the "
+                "association",
+                address,
+            )
+        else:
+            log.info("association with %s: %s", address, dropped)
 
     def _count_dataset(self, body: bytes) -> None:
         """Add the data-set fragments of a P-DATA-TF to the message's size (PS3.8 9.3.5.1:

@@ -17,6 +17,9 @@ destination answers decides what happens to an output (PS3.4 B.2.3, PS3.7 C):
   it is dead-lettered at once, without a retry.
 
 Dead letters are re-queued by ``python -m dicom_node send --retry-dead``.
+
+An association that cannot be had is one log line per output naming why (connection refused,
+rejected with its reason, ...: :mod:`dicom_node.send.requestor`), not pynetdicom's ERROR lines.
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 from pydicom.filereader import read_file_meta_info
-from pynetdicom import AE, _config, build_context
+from pynetdicom import _config, build_context
 
 from dicom_node.audit import Audit, NullAudit
 from dicom_node.config import DestinationConfig, SendConfig
+from dicom_node.errors import SendError
+from dicom_node.send.requestor import RequestorAE
 from dicom_node.store import OutboxItem, Spool
 from dicom_node.tls import client_context
 
@@ -108,23 +113,19 @@ def send_files(
     contexts = {
         (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)) for meta in metas.values()
     }
-    ae = AE(ae_title=calling_ae_title)
+    ae = RequestorAE(ae_title=calling_ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.connection_timeout = timeout_s  # pynetdicom's default: the system's (minutes)
     for sop_class, syntax in sorted(contexts):
         ae.requested_contexts.append(build_context(sop_class, [syntax]))
     tls_args = None
     if destination.tls is not None:
         context = client_context(destination.tls, f"destination {destination.key}")
         tls_args = (context, destination.tls.server_name or destination.host)
-    assoc = ae.associate(
-        destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args
-    )
-    if not assoc.is_established:
-        reason = "rejected" if assoc.is_rejected else "aborted or unreachable"
-        return {
-            **results,
-            **{p: Failure(f"association with {destination.ae_title} {reason}") for p in paths},
-        }
+    try:
+        assoc = ae.request(destination.host, destination.port, destination.ae_title, tls_args)
+    except SendError as error:
+        return {**results, **dict.fromkeys(paths, Failure(str(error)))}
     try:
         for path in paths:
             if not assoc.is_established:  # aborted: a DIMSE timeout, or the peer

@@ -141,7 +141,12 @@ def test_sender_delivers_retries_and_dead_letters(
     while spool.outbox_counts().get("dead", 0) < 2 and time.monotonic() < deadline:
         sender.step()
     assert spool.outbox_counts() == {"sent": 2, "dead": 2}
-    assert all("association" in (d.last_error or "") for d in spool.dead_letters())
+    assert all(
+        (d.last_error or "").startswith(
+            "association with PACS at 127.0.0.1:1 failed: connection refused"
+        )
+        for d in spool.dead_letters()
+    )
     spool.close()
 
 

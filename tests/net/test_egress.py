@@ -1,25 +1,34 @@
+# ruff: noqa: F811  (the pki fixture imported from test_tls is redefined as a parameter)
 """What the destination answers decides what happens to an output (docs/reliability.md,
 "Egress"): a scripted Storage SCP on 127.0.0.1 answers each C-STORE with the next status of
 its script (or sleeps past the DIMSE timeout); the sender and spool are the node's own."""
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
+import ssl
+import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom.uid import CTImageStorage
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 
-from dicom_node.config import DestinationConfig, SendConfig
+from dicom_node.config import DestinationConfig, NodeConfig, SendConfig, TlsConfig
+from dicom_node.receive import StorageScp
 from dicom_node.send import Sender
-from dicom_node.send.scu import classify
+from dicom_node.send.requestor import describe_connect_error
+from dicom_node.send.scu import classify, send_files
 from dicom_node.store import Spool
 from tests.conftest import make_set
-from tests.factories import free_port, queue_outputs, wait_for
+from tests.factories import MemorySink, free_port, queue_outputs, wait_for
+from tests.net.test_tls import node_tls, pki  # noqa: F401  (fixture)
 
 
 class ScriptedPacs:
@@ -182,3 +191,190 @@ def test_a_destination_down_for_a_while_then_dead_letters_and_retry_dead(
         drain(sender, spool, {"sent": 2})
     finally:
         pacs.stop()
+
+
+# -- an association that cannot be had: one log line, naming why ------------------------------
+
+
+def problems(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    """Every record at WARNING or above, from any logger (pynetdicom's included)."""
+    return [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_a_closed_port_is_one_warning_naming_connection_refused(
+    outputs: list[Path], spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """pynetdicom logs a refused connection at ERROR twice ("unable to connect to remote",
+    "TCP Initialisation Error"); the node logs one warning, its own, with the cause."""
+    port = free_port()
+    queue_outputs(spool, "1.2.3", outputs, ["pacs"])
+    sender = Sender(spool, [destination(port)], POLICY, "ORTHONODE")
+    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG, logger="dicom_node.send.requestor")
+    assert sender.step() == 1
+    [line] = problems(caplog)
+    assert line.name == "dicom_node.send.scu"
+    assert f"association with PACS at 127.0.0.1:{port} failed: connection refused" in (
+        line.getMessage()
+    )
+    assert "aborted or unreachable" not in line.getMessage()
+    [item] = wait_for(spool.due, 5, "the retry to be due")  # backoff 0.05 s
+    assert item.last_error is not None and "connection refused" in item.last_error
+    # What pynetdicom said is still there, at DEBUG.
+    assert any(
+        r.levelno == logging.DEBUG and "Connection refused" in r.getMessage()
+        for r in caplog.records
+    )
+
+
+def test_a_rejected_association_is_one_warning_naming_the_rejection(
+    outputs: list[Path], spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A PACS that does not know the called AE title answers A-ASSOCIATE-RJ (permanent, service
+    user, called AE title not recognised): pynetdicom's three ERROR lines become our one."""
+    ae = AE(ae_title="PACS")
+    ae.require_called_aet = True
+    ae.supported_contexts = AllStoragePresentationContexts
+    server = ae.start_server(("127.0.0.1", 0), block=False)
+    try:
+        wrong = DestinationConfig(
+            name="pacs", ae_title="NOT-PACS", host="127.0.0.1", port=server.server_address[1]
+        )
+        queue_outputs(spool, "1.2.3", outputs, ["pacs"])
+        sender = Sender(spool, [wrong], POLICY, "ORTHONODE")
+        with caplog.at_level(logging.INFO):
+            assert sender.step() == 1
+    finally:
+        server.shutdown()
+    [line] = problems(caplog)
+    assert line.name == "dicom_node.send.scu"
+    message = line.getMessage()
+    assert "association with NOT-PACS" in message and "rejected: Called AE title not " in message
+    assert "(permanent, from the service user; result 1, source 1, reason 7)" in message
+    assert spool.outbox_counts() == {"pending": 1}  # retried: the PACS's list may be fixed
+
+
+class RawPeer:
+    """A TCP listener on 127.0.0.1 that reads the A-ASSOCIATE-RQ and then does ``answer``:
+    "close" (closes the connection), "abort" (an A-ABORT PDU, service provider, invalid PDU
+    parameter value) or "silent" (keeps it open, says nothing)."""
+
+    def __init__(self, answer: str) -> None:
+        self.answer = answer
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        connection, _ = self._listener.accept()
+        with connection:
+            connection.settimeout(5)
+            connection.recv(65536)
+            if self.answer == "abort":
+                connection.sendall(struct.pack(">BBLBBBB", 0x07, 0, 4, 0, 0, 0x02, 0x06))
+            if self.answer in ("abort", "silent"):
+                self._done.wait(10)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._listener.close()
+        self._thread.join(10)
+
+
+@pytest.mark.parametrize(
+    ("peer", "words"),
+    [
+        ("close", "failed: the destination closed the connection without answering"),
+        (
+            "abort",
+            "aborted by the destination (A-ABORT from its service provider: invalid PDU "
+            "parameter value)",
+        ),
+        ("silent", "failed: no answer to the A-ASSOCIATE-RQ within 1 s"),
+        (
+            "no-contexts",
+            "failed: the destination accepted none of the presentation contexts proposed",
+        ),
+        ("unresolvable", "failed: host name not resolved"),
+    ],
+)
+def test_each_failed_association_says_why_and_pynetdicom_stays_quiet(
+    outputs: list[Path], caplog: pytest.LogCaptureFixture, peer: str, words: str
+) -> None:
+    stop: Callable[[], None] = lambda: None  # noqa: E731
+    host = "127.0.0.1"
+    if peer == "no-contexts":  # a PACS that stores CT only
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(CTImageStorage)
+        server = ae.start_server(("127.0.0.1", 0), block=False)
+        port, stop = int(server.server_address[1]), server.shutdown
+    elif peer == "unresolvable":
+        host, port = "no-such-pacs.invalid", 104  # .invalid never resolves (RFC 2606)
+    else:
+        raw = RawPeer(peer)
+        port, stop = raw.port, raw.stop
+    try:
+        with caplog.at_level(logging.INFO):
+            started = time.monotonic()
+            [failure] = send_files(
+                DestinationConfig(name="pacs", ae_title="PACS", host=host, port=port),
+                outputs,
+                "ORTHONODE",
+                timeout_s=1.0,
+            ).values()
+            assert time.monotonic() - started < 5.0
+    finally:
+        stop()
+    assert failure is not None and f"association with PACS at {host}:{port} " in failure
+    assert words in failure
+    assert not getattr(failure, "permanent", False)  # retried, as before
+    assert problems(caplog) == []  # pynetdicom's ERROR lines are not logged; the caller's is
+
+
+def test_a_failed_tls_handshake_is_named(
+    outputs: list[Path], pki: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A DICOM TLS destination whose certificate does not carry the expected name: pynetdicom
+    logs the SSL error at ERROR with its traceback; the failure names it, pynetdicom is quiet."""
+    node = NodeConfig(ae_title="PACS", host="127.0.0.1", port=0, tls=node_tls(pki))
+    scp = StorageScp(node, MemorySink())
+    scp.start()
+    try:
+        wrong_name = DestinationConfig(
+            name="pacs",
+            ae_title="PACS",
+            host="127.0.0.1",
+            port=scp.port,
+            tls=TlsConfig(ca_certificates=pki / "ca.pem", server_name="pacs.example"),
+        )
+        with caplog.at_level(logging.INFO):
+            [failure] = send_files(wrong_name, outputs, "ORTHONODE", timeout_s=5.0).values()
+    finally:
+        scp.stop()
+    assert failure is not None
+    assert (
+        "failed: TLS handshake failed: Hostname mismatch" in failure and "pacs.example" in failure
+    )
+    assert [r for r in problems(caplog) if r.name.startswith("pynetdicom")] == []
+
+
+@pytest.mark.parametrize(
+    ("error", "words"),
+    [
+        (ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"), "connection refused"),
+        (TimeoutError("timed out"), "connection timed out"),
+        (OSError(errno.EHOSTUNREACH, "No route to host"), "host unreachable"),
+        (OSError(errno.ENETUNREACH, "Network is unreachable"), "network unreachable"),
+        (socket.gaierror(socket.EAI_NONAME, "Name or service not known"), "host name not resolved"),
+        (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), "connection reset"),
+        (
+            ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+            "TLS handshake failed",
+        ),
+        (OSError(errno.EACCES, "Permission denied"), "Permission denied"),
+    ],
+)
+def test_connect_errors_in_words(error: OSError, words: str) -> None:
+    assert describe_connect_error(error).startswith(words)

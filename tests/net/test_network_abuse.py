@@ -7,6 +7,7 @@ Linux routes all of 127.0.0.0/8 to the loopback interface, so the abusive connec
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
@@ -34,6 +35,8 @@ from tests.net.test_scp import (  # noqa: F401  (fixtures)
     association,
     dx_contexts,
     dx_file,
+    guard_records,
+    peer_closes_first,
     phantoms,
     rejection,
     sink,
@@ -131,14 +134,61 @@ def test_fifty_idle_connections_neither_starve_a_peer_nor_outlive_the_timeout(
 
 
 def test_a_closed_connection_frees_its_slot_at_once(
-    guarded: Callable[..., StorageScp], dropped: list[str]
+    guarded: Callable[..., StorageScp], dropped: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node.receive.guard")
     scp = guarded(max_associations=2, pre_association_timeout_s=30.0)
     for _ in range(20):
         raw_connection(scp.port).close()
     assert wait_for(lambda: scp._server is not None and scp._server.pending == 0, 1.0)
     assert echo_seconds(scp.port) < 1.0
     assert wait_for(lambda: dropped.count("closed-before-request") == 20, 2.0)
+    # Closed before any PDU: an anomaly, one line each.
+    lines = guard_records(caplog, logging.INFO)
+    assert (
+        lines
+        == [
+            f"connection from {ABUSER} dropped before association: "
+            "A-ASSOCIATE-RQ header: closed after 0 of 6 bytes"
+        ]
+        * 20
+    )
+
+
+@pytest.mark.parametrize(
+    ("ending", "level", "line"),
+    [
+        ("release", logging.DEBUG, "ended, the peer closed the connection"),
+        ("close", logging.INFO, "the peer closed the connection without releasing the association"),
+        ("mid-pdu", logging.INFO, "PDU header: closed after 3 of 6 bytes"),
+    ],
+)
+def test_how_an_association_ends_decides_its_log_line(
+    guarded: Callable[..., StorageScp],
+    dropped: list[str],
+    peer_closes_first: None,
+    caplog: pytest.LogCaptureFixture,
+    ending: str,
+    level: int,
+    line: str,
+) -> None:
+    """A peer closing the connection after the A-RELEASE-RP is the normal end (DEBUG); one that
+    closes an established association, or closes mid-PDU, is one INFO line."""
+    caplog.set_level(logging.DEBUG, logger="dicom_node.receive.guard")
+    scp = guarded()
+    with peer_association(scp.port) as assoc:
+        assert assoc.is_established
+        raw = assoc.dul.socket.socket  # type: ignore[union-attr]
+        if ending == "mid-pdu":
+            raw.sendall(b"\x04\x00\x00")  # half a P-DATA-TF header
+        if ending != "release":
+            raw.shutdown(socket.SHUT_RDWR)
+            assert wait_for(lambda: not assoc.is_established, 5.0)
+    expected = f"association with {PEER}: {line}"
+    assert wait_for(lambda: expected in guard_records(caplog, level), 5.0)
+    logged = [m for n in (logging.INFO, logging.WARNING) for m in guard_records(caplog, n)]
+    assert logged == ([] if level == logging.DEBUG else [expected])
+    assert dropped == []  # not counted (a closed association is not a dropped connection)
 
 
 def test_pending_connections_are_bounded_per_host(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import logging
+import select
 import subprocess
 import threading
 import time
@@ -31,6 +33,7 @@ from dicom_node.receive import (
     TRANSFER_SYNTAXES,
     StorageScp,
 )
+from dicom_node.receive.guard import GuardedDUL
 from tests.conftest import make_set, require_tool
 from tests.factories import MemorySink
 
@@ -97,6 +100,32 @@ def start_scp() -> Iterator[Callable[..., StorageScp]]:
 @pytest.fixture
 def scp(start_scp: Callable[..., StorageScp], sink: MemorySink) -> StorageScp:
     return start_scp(sink)
+
+
+@pytest.fixture
+def peer_closes_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Makes certain the race dcmtk often wins: once the node has sent its A-RELEASE-RP (DUL
+    state Sta13), it waits (up to 5 s) for the peer's close to arrive before it looks at the
+    socket, where pynetdicom would close its own side first if the peer's FIN were not there
+    yet."""
+    original = GuardedDUL._is_transport_event
+
+    def after_the_peer(self: GuardedDUL) -> bool:
+        raw = self.socket.socket if self.socket is not None else None
+        if self.state_machine.current_state == "Sta13" and raw is not None:
+            select.select([raw], [], [], 5.0)
+        return original(self)
+
+    monkeypatch.setattr(GuardedDUL, "_is_transport_event", after_the_peer)
+
+
+def guard_records(caplog: pytest.LogCaptureFixture, level: int) -> list[str]:
+    """The messages the network guard logged at ``level``."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "dicom_node.receive.guard" and r.levelno == level
+    ]
 
 
 @contextmanager
@@ -446,6 +475,29 @@ def test_dcmtk_storescu(scp: StorageScp, sink: MemorySink, dx_file: Path) -> Non
     assert wait_for(lambda: sop_instance_uid in sink.instances)
     received = pydicom.dcmread(BytesIO(sink.instances[sop_instance_uid]))
     assert received.SOPInstanceUID == sop_instance_uid
+
+
+@pytest.mark.integration
+def test_dcmtk_storescu_closing_after_the_release_is_no_anomaly(
+    scp: StorageScp,
+    sink: MemorySink,
+    dx_file: Path,
+    peer_closes_first: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """storescu closes the connection as soon as it reads the A-RELEASE-RP: the normal end of an
+    association, a DEBUG line, not "PDU header: closed after 0 of 6 bytes" at INFO."""
+    storescu = require_tool("storescu")
+    caplog.set_level(logging.DEBUG, logger="dicom_node.receive.guard")
+    command = [storescu, "-aet", SCU_AE_TITLE, "-aec", "ORTHONODE", "127.0.0.1", str(scp.port)]
+    for _ in range(3):
+        result = subprocess.run([*command, str(dx_file)], capture_output=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+    ended = "association with 127.0.0.1: ended, the peer closed the connection"
+    assert wait_for(lambda: guard_records(caplog, logging.DEBUG).count(ended) == 3)
+    assert guard_records(caplog, logging.INFO) == []
+    assert guard_records(caplog, logging.WARNING) == []
+    assert len(sink.instances) == 1  # the same file three times: stored once
 
 
 @pytest.mark.integration

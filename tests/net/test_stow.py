@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -144,15 +145,29 @@ def test_stow_refusals_each_say_why(
     ds = pydicom.dcmread(knee_study[0])
     study = ds.StudyInstanceUID
 
-    # 415: not multipart/related of application/dicom (the metadata + bulk data form).
-    answer = requests.post(
-        _url(service, "/dicomweb/studies"),
-        data=b"{}",
-        headers={"Content-Type": 'multipart/related; type="application/dicom+json"; boundary=x'},
-        timeout=30,
-    )
-    assert answer.status_code == 415 and "application/dicom" in answer.json()["error"]
-    assert _post(service, good, **{"Content-Type": "application/dicom"}).status_code == 415
+    # 415: neither multipart/related of application/dicom nor application/dicom (e.g. the
+    # metadata + bulk data form); the reason says what to send.
+    for content_type, named in (
+        ('multipart/related; type="application/dicom+json"; boundary=x', "application/dicom+json"),
+        ("application/octet-stream", "Content-Type application/octet-stream"),
+        (None, "without a Content-Type"),
+    ):
+        headers = {"Content-Type": content_type} if content_type else {}
+        answer = requests.post(
+            _url(service, "/dicomweb/studies"), data=b"{}", headers=headers, timeout=30
+        )
+        assert answer.status_code == 415, answer.text
+        reason = answer.json()["error"]
+        assert named in reason and "is not supported" in reason
+        assert 'send Content-Type: multipart/related; type="application/dicom"; boundary=' in (
+            reason
+        )
+        assert "one DICOM file as Content-Type: application/dicom" in reason
+    # An application/dicom body that is empty, or not DICOM: 400, nothing to store.
+    answer = _post(service, b"", **{"Content-Type": "application/dicom"})
+    assert answer.status_code == 400 and "empty" in answer.json()["error"]
+    answer = _post(service, b"this is not DICOM", **{"Content-Type": "application/dicom"})
+    assert answer.status_code == 400 and "not a DICOM file" in answer.headers["Warning"]
 
     # 400: a body with no DICOM in it; a multipart type without boundary.
     answer = _post(service, _body([b"this is not DICOM"]))
@@ -255,6 +270,50 @@ def test_stow_refusals_each_say_why(
         pydicom.dcmread(knee_study[1]).SOPInstanceUID
     ]
     assert service.checks()["workers"] == []  # the node is still up after all of it
+
+
+def _curl_examples() -> list[str]:
+    """The shell blocks of docs/conformance.md that POST to the node's STOW-RS resource."""
+    import re
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "conformance.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.DOTALL)
+    return [b for b in blocks if "/dicomweb/studies" in b]
+
+
+def test_the_curl_examples_of_the_conformance_statement_store(
+    tmp_path: Path,
+    pacs: RecordingPacs,
+    start_node: Callable[..., Service],
+    knee_study: list[Path],
+    bundle: Path,
+) -> None:
+    """The two curl commands of docs/conformance.md ("STOW-RS with curl"), as written there,
+    against a running node: one file as application/dicom, then two as multipart/related."""
+    require_tool("curl")
+    bash = require_tool("bash")
+    service = start_node(_config(tmp_path, pacs, bundle))
+    single, multipart = _curl_examples()
+    assert "Content-Type: application/dicom'" in single and "multipart/related" in multipart
+    work = tmp_path / "work"
+    work.mkdir()
+    uids = []
+    for number, path in enumerate(knee_study[:2], 1):
+        shutil.copyfile(path, work / f"image{number}.dcm")
+        uids.append(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    assert len(set(uids)) == 2
+    # The first file alone (new to the node), then both (the first a duplicate: stored too).
+    for script, stored in ((single, uids[:1]), (multipart, uids)):
+        script = script.replace("http://localhost:8080", _url(service, ""))
+        result = subprocess.run(
+            [bash, "-c", script], cwd=work, capture_output=True, timeout=60, check=False
+        )
+        assert result.returncode == 0, result.stderr
+        answer = pydicom.Dataset.from_json(result.stdout.decode())
+        assert [i.ReferencedSOPInstanceUID for i in answer.ReferencedSOPSequence] == stored
+        assert "FailedSOPSequence" not in answer
+    for uid in uids:
+        assert service.spool.path_for(uid).is_file()
 
 
 def test_stow_needs_a_token_when_tokens_are_configured(

@@ -41,3 +41,40 @@ def test_configure_json_writes_one_object_per_line(capsys: pytest.CaptureFixture
     assert [e["message"] for e in lines] == ["line one", "line two"]
     assert lines[0]["study_instance_uid"] == "1.2.3"
     assert "RuntimeError: boom" in lines[1]["exception"]
+
+
+def test_pynetdicom_errors_are_held_back_only_while_the_node_requests_an_association(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The sender's filter on pynetdicom's loggers takes records off the thread requesting an
+    association (the requestor logs one line naming the cause); pynetdicom's other records,
+    and those of other threads meanwhile, are logged as they are."""
+    import threading
+
+    from dicom_node.send import requestor
+
+    transport = logging.getLogger("pynetdicom.transport")
+    acse = logging.getLogger("pynetdicom.acse")
+    caplog.set_level(logging.INFO, logger="pynetdicom")  # the CLI's tests set it to WARNING
+    acse.error("outside a request")
+    attempt = requestor._Attempt()
+    with requestor._attempting(attempt):
+        try:
+            raise ConnectionRefusedError(111, "Connection refused")
+        except OSError:
+            transport.error("TCP Initialisation Error: [Errno 111] Connection refused")
+        acse.info("Requesting Association")  # below WARNING: logged
+        other = threading.Thread(target=lambda: acse.error("another thread's"))
+        other.start()
+        other.join()
+    transport.error("after the request")
+    assert [r.getMessage() for r in caplog.records] == [
+        "outside a request",
+        "Requesting Association",
+        "another thread's",
+        "after the request",
+    ]
+    assert [r.getMessage() for r in attempt.held] == [
+        "TCP Initialisation Error: [Errno 111] Connection refused"
+    ]
+    assert isinstance(attempt.error, ConnectionRefusedError)
