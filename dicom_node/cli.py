@@ -1,25 +1,34 @@
-"""``python -m dicom_node serve | echo | check-config | status | send --retry-dead | reload``."""
+"""``python -m dicom_node serve | echo | check-config | status | send --retry-dead | reload``.
+
+``status`` prints what the status page shows, from the spool (and the running node's
+``/readyz`` when it answers on ``node.http_port``): health with its warnings, the queues, the
+recent studies with their state and result or reason, the problems, and the dead letters with
+their study and task; ``--state``, ``--task`` and ``--limit`` filter the studies.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from pydantic import ValidationError
-from pynetdicom import AE
-from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_node.audit import open_audit
 from dicom_node.config import Config, load_config, parse_ae_address
 from dicom_node.errors import ConfigError, DicomNodeError
 from dicom_node.logs import configure as configure_logs
+from dicom_node.store import STUDY_FILTER_STATES
 from dicom_node.tls import client_context, server_context
 
 __all__ = ["main"]
@@ -36,22 +45,29 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(path)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from dicom_node.service import Service
-
+def serve_config(args: argparse.Namespace) -> Config:
+    """conf.yaml with ``serve``'s options applied (``--http-port 0``: no HTTP port)."""
     data = _config(args).model_dump()
     if args.ae_title is not None:
         data["node"]["ae_title"] = args.ae_title
     if args.port is not None:
         data["node"]["port"] = args.port
+    if args.http_port is not None:
+        data["node"]["http_port"] = args.http_port
     if args.spool is not None:
         data["spool"]["directory"] = args.spool.resolve()
     data["destinations"] += [parse_ae_address(a).model_dump() for a in args.send_to]
     try:
-        config = Config.model_validate(data)
+        return Config.model_validate(data)
     except ValidationError as error:
         problem = error.errors()[0]
         raise ConfigError(f"{'.'.join(map(str, problem['loc']))}: {problem['msg']}") from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from dicom_node.service import Service
+
+    config = serve_config(args)
     service = Service(config)
     service.start()
     pid_file = config.spool.directory / PID_FILE
@@ -96,23 +112,17 @@ def _reload(args: argparse.Namespace) -> int:
 
 
 def _echo(args: argparse.Namespace) -> int:
+    from dicom_node.status.verify import echo
+
     target = parse_ae_address(args.address)
     assert target.host is not None and target.ae_title is not None  # AE@host:port gives both
-    ae = AE(ae_title=args.calling_ae)
-    ae.add_requested_context(Verification)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = args.timeout
-    assoc = ae.associate(target.host, target.port, ae_title=target.ae_title)
-    if not assoc.is_established:
-        why = "rejected the association" if assoc.is_rejected else "did not answer"
-        sys.stderr.write(f"echo: {target.ae_title}@{target.host}:{target.port} {why}\n")
+    result = echo(
+        target.host, target.port, target.ae_title, args.calling_ae, timeout_s=args.timeout
+    )
+    if not result.ok:
+        sys.stderr.write(f"echo: {result.text}\n")
         return 1
-    status = assoc.send_c_echo()
-    assoc.release()
-    code = int(status.Status) if status and "Status" in status else -1
-    if code != 0:
-        sys.stderr.write(f"echo: C-ECHO status 0x{code:04X}\n")
-        return 1
-    sys.stdout.write(f"C-ECHO {target.ae_title}@{target.host}:{target.port}: success\n")
+    sys.stdout.write(f"{result.text}\n")
     return 0
 
 
@@ -177,23 +187,61 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _readyz(config: Config, timeout_s: float = 2.0) -> dict[str, Any] | None:
+    """The running node's ``/readyz`` answer (on this host), or None when it does not answer."""
+    port = config.node.http_port
+    if not port or config.http.tls is not None:
+        return None
+    host = config.node.host
+    if host in ("0.0.0.0", "", "::"):
+        host = "127.0.0.1"
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as answer:
+            return dict(json.loads(answer.read()))
+    except urllib.error.HTTPError as error:  # 503: not ready, and it says why
+        try:
+            return dict(json.loads(error.read()))
+        except ValueError:
+            return None
+    except (OSError, ValueError):
+        return None
+
+
 def _status(args: argparse.Namespace) -> int:
+    from dicom_node.status.health import Health, assess
+    from dicom_node.status.model import StatusModel
+    from dicom_node.status.text import status_lines
     from dicom_node.store import Spool
 
-    spool = Spool(_config(args).spool.directory)
-    try:
-        lines = ["recent studies:"]
-        for study in spool.recent_studies():
-            lines.append(
-                f"  {study.study_instance_uid} {study.task:5s} v{study.version} {study.state}"
-                + (f" ({study.error})" if study.error else "")
-            )
-        counts = spool.outbox_counts()
-        lines.append(
-            "outbox: " + ", ".join(f"{k} {counts.get(k, 0)}" for k in ("pending", "sent", "dead"))
+    config = _config(args)
+    if args.task and args.task not in config.tasks:
+        raise ConfigError(
+            f"--task {args.task}: not a task of the configuration ({', '.join(config.tasks)})"
         )
-        for item in spool.dead_letters():
-            lines.append(f"  dead: {item.path.name} -> {item.destination}: {item.last_error}")
+    spool = Spool(config.spool.directory)
+    try:
+        model = StatusModel(spool, config)
+        answer = _readyz(config)
+        if answer is not None:
+            checks = {
+                name: [] if found == "ok" else list(found)
+                for name, found in dict(answer.get("checks", {})).items()
+            }
+            health: Health = assess(checks, list(answer.get("warnings", [])))
+            where = f"the node answers on port {config.node.http_port}"
+        else:
+            health = assess({}, model.warnings())
+            where = "the node does not answer on its HTTP port: health from the spool alone"
+        lines = status_lines(
+            model,
+            health,
+            node_answer=where,
+            state=args.state or "",
+            task=args.task or "",
+            limit=args.limit,
+            problems=args.problems,
+        )
         sys.stdout.write("\n".join(lines) + "\n")
     finally:
         spool.close()
@@ -244,7 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = with_config(sub.add_parser("serve", help="receive, analyse and send back"))
     serve.add_argument("--ae-title", default=None)
-    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--port", type=int, default=None, help="DICOM port (node.port)")
+    serve.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="status page, STOW-RS and metrics port (node.http_port); 0: none",
+    )
     serve.add_argument("--spool", type=Path, default=None)
     serve.add_argument("--send-to", action="append", default=[], metavar="AE@HOST:PORT")
     serve.set_defaults(run=_serve)
@@ -256,9 +310,24 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(
         sub.add_parser("check-config", help="validate conf.yaml and the bundles")
     ).set_defaults(run=_check_config)
-    with_config(sub.add_parser("status", help="recent studies, queues, dead letters")).set_defaults(
-        run=_status
+    status = with_config(
+        sub.add_parser(
+            "status",
+            help="health, queues, recent studies, problems and dead letters (as the status page)",
+        )
     )
+    status.add_argument(
+        "--state",
+        choices=STUDY_FILTER_STATES,
+        default=None,
+        help="only studies in this state",
+    )
+    status.add_argument("--task", default=None, help="only studies of this task")
+    status.add_argument("--limit", type=int, default=20, help="studies listed (default 20)")
+    status.add_argument(
+        "--problems", type=int, default=10, help="problems listed, newest first (default 10)"
+    )
+    status.set_defaults(run=_status)
     send = with_config(sub.add_parser("send", help="outbound queue maintenance"))
     send.add_argument("--retry-dead", action="store_true")
     send.set_defaults(run=_send)

@@ -28,6 +28,7 @@ __all__ = [
     "AuditConfig",
     "Config",
     "DestinationConfig",
+    "HealthConfig",
     "HttpConfig",
     "InferenceConfig",
     "NodeConfig",
@@ -357,6 +358,24 @@ class SendConfig(_Model):
     )
 
 
+class HealthConfig(_Model):
+    """When the node says it is degraded (``/readyz`` 200 with ``"state": "degraded"``, the
+    status page's amber header, ``orthonode_health_state`` 1): it still takes studies, but
+    something waits for an administrator. 0 turns a warning off."""
+
+    dead_letters_warning: int = Field(
+        default=1, ge=0, description="degraded while at least this many dead letters wait"
+    )
+    failed_studies_warning: int = Field(
+        default=1,
+        ge=0,
+        description="degraded while at least this many studies failed within failed_window_h",
+    )
+    failed_window_h: float = Field(
+        default=24.0, gt=0, description="how far back a failed study counts (hours)"
+    )
+
+
 class AuditConfig(_Model):
     """The audit trail (dicom_node/audit.py): JSON lines, rotated, UIDs only."""
 
@@ -407,6 +426,7 @@ class Config(BaseSettings):
     send: SendConfig = Field(default_factory=SendConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    health: HealthConfig = Field(default_factory=HealthConfig)
 
     @classmethod
     def settings_customise_sources(

@@ -1,18 +1,23 @@
 """The node's HTTP port (``node.http_port``), a Starlette app served by uvicorn:
 
-* ``/metrics`` for Prometheus; ``/healthz`` (the process answers) and ``/readyz`` (it can take
-  and process studies now: models loaded, DICOM listener up, workers running, spool writable and
-  above its disk reserve; otherwise 503 with each problem in one line);
+* ``/metrics`` for Prometheus (``/metrics`` and ``/metrics/`` alike, no redirect);
+  ``/healthz`` (the process answers) and ``/readyz`` (it can take and process studies now:
+  models loaded, DICOM listener up, workers running, spool writable and above its disk
+  reserve; otherwise 503 with each problem in one line). Ready with warnings (dead letters or
+  failed studies at ``health:``'s thresholds) is still 200, with ``"state": "degraded"`` and
+  the warnings (:mod:`dicom_node.status.health`);
 * ``POST /dicomweb/studies`` and ``POST /dicomweb/studies/{StudyInstanceUID}``: STOW-RS
   (:mod:`dicom_node.receive.dicomweb`);
-* ``/``: the status page for administrators, and its JSON (``/api/status``), each study's SR
-  as text and its Secondary Captures as thumbnails (:mod:`dicom_node.status`);
-  ``POST /api/dead-letters/{id}/requeue`` and ``POST /api/dead-letters/requeue``.
+* ``/``, ``/studies/{StudyInstanceUID}``, ``/problems``: the status page for administrators,
+  and its JSON API (:mod:`dicom_node.status`); ``POST /api/dead-letters/{id}/requeue``,
+  ``POST /api/dead-letters/requeue`` and ``POST /api/destinations/{n}/check``.
 
-Reading needs no token. Writing (STOW-RS, requeue) needs ``Authorization: Bearer <token>``
-with a token from ``http.tokens_file`` or ``ORTHONODE_HTTP_TOKENS``; when no token is
-configured, only clients on this host (loopback) may write. HTTPS with ``http.tls``. Answers
-carry UIDs, never patient data.
+Reading needs no token. Writing (STOW-RS, requeue, a destination check) needs
+``Authorization: Bearer <token>`` with a token from ``http.tokens_file`` or
+``ORTHONODE_HTTP_TOKENS``; when no token is configured, only clients on this host (loopback)
+may write. The status page shows a study's accession number and patient ID only to a request
+with a valid bearer token (:func:`bearer`); other answers carry UIDs, never patient data.
+HTTPS with ``http.tls``.
 """
 
 from __future__ import annotations
@@ -39,12 +44,14 @@ from starlette.responses import Response
 from starlette.routing import Mount, Route
 
 from dicom_node.config import TlsConfig
+from dicom_node.status.health import assess
 
-__all__ = ["HttpEndpoint", "Tokens", "make_app", "writer"]
+__all__ = ["HttpEndpoint", "Tokens", "bearer", "make_app", "writer"]
 
 log = logging.getLogger(__name__)
 
 Checks = Callable[[], Mapping[str, list[str]]]
+Warnings = Callable[[], list[str]]
 TOKENS_ENV = "ORTHONODE_HTTP_TOKENS"
 
 
@@ -115,6 +122,15 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+def bearer(request: Request, tokens: Tokens) -> str | None:
+    """The name of the valid bearer token the request carries, or None (none, or not valid).
+    Unlike :func:`writer`, a local client without a token is nobody here."""
+    scheme, _, presented = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return None
+    return tokens.name(presented.strip())
+
+
 def writer(request: Request, tokens: Tokens) -> tuple[str | None, Response | None]:
     """Who may write: (the sender's name, None), or (None, the 401/403 to answer).
 
@@ -162,6 +178,25 @@ def _json(status: int, body: object, headers: Mapping[str, str] | None = None) -
 
 
 StowHandler = Callable[[Request, str, "str | None"], Awaitable[Response]]
+Asgi = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+class _Metrics:
+    """Prometheus' ASGI app at ``/metrics`` itself (a ``Mount`` alone redirects it to
+    ``/metrics/``), after ``refresh`` has updated the gauges read at scrape time (off the
+    event loop: it reads the spool)."""
+
+    def __init__(self, app: Asgi, refresh: Callable[[], None] | None) -> None:
+        self._app = app
+        self._refresh = refresh
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if self._refresh is not None:
+            try:
+                await run_in_threadpool(self._refresh)
+            except Exception:  # a scrape still answers, with the gauges as they were
+                log.exception("refreshing the metrics before a scrape failed")
+        await self._app(scope, receive, send)
 
 
 def make_app(
@@ -171,24 +206,32 @@ def make_app(
     tokens: Tokens | None = None,
     stow: StowHandler | None = None,
     status: Any = None,
+    warnings: Warnings | None = None,
+    on_scrape: Callable[[], None] | None = None,
 ) -> Starlette:
     """The ASGI application. ``status`` is a :class:`dicom_node.status.StatusPage` (or None:
-    no status page)."""
+    no status page); ``warnings`` what makes the node degraded (:mod:`dicom_node.status.health`);
+    ``on_scrape`` updates gauges before each ``/metrics`` answer."""
     tokens = tokens or Tokens()
 
     async def healthz(request: Request) -> Response:
         return _json(200, {"alive": True})
 
-    async def readyz(request: Request) -> Response:
-        try:  # the checks touch the disk and the index: off the event loop
-            found = {
-                name: list(problems) for name, problems in (await run_in_threadpool(checks)).items()
-            }
+    def assessed() -> dict[str, Any]:
+        try:
+            found = {name: list(problems) for name, problems in checks().items()}
         except Exception as error:  # a check that fails is itself a reason not to be ready
             found = {"checks": [f"could not run: {type(error).__name__}"]}
-        ready = not any(found.values())
-        body = {"ready": ready, "checks": {k: v or "ok" for k, v in found.items()}}
-        return _json(200 if ready else 503, body)
+        try:
+            warned = list(warnings()) if warnings is not None else []
+        except Exception as error:  # warnings that cannot be read are a warning
+            warned = [f"the warnings could not be read: {type(error).__name__}"]
+        return assess(found, warned).as_json()
+
+    async def readyz(request: Request) -> Response:
+        # The checks touch the disk and the index: off the event loop.
+        body = await run_in_threadpool(assessed)
+        return _json(200 if body["ready"] else 503, body)
 
     async def store(request: Request) -> Response:
         if stow is None:
@@ -204,10 +247,13 @@ def make_app(
         Route("/readyz", readyz, methods=["GET"]),
         Route("/dicomweb/studies", store, methods=["POST"]),
         Route("/dicomweb/studies/{study}", store, methods=["POST"]),
-        Mount("/metrics", app=make_asgi_app(registry)),
+        Route("/metrics", _Metrics(make_asgi_app(registry), on_scrape), methods=["GET"]),
+        Mount("/metrics", app=_Metrics(make_asgi_app(registry), on_scrape)),
     ]
     if status is not None:
-        routes += status.routes(lambda request: writer(request, tokens))
+        routes += status.routes(
+            lambda request: writer(request, tokens), lambda request: bearer(request, tokens)
+        )
 
     async def not_found(request: Request, exc: Exception) -> Response:
         return _json(404, {"error": f"no such path {request.url.path!r}"})

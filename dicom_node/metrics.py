@@ -7,6 +7,11 @@ per study), ``read`` (read + decode + display), ``locate``
 object: a Secondary Capture or the SR built and written), ``queue_wait`` (queued → first send
 attempt) and ``send`` (per object, on its association). ``orthonode_end_to_end_seconds`` is
 the whole way: a study's newest instance stored → each of its outputs delivered.
+
+``orthonode_health_state`` is the node's health as ``/readyz`` and the status page say it
+(0 ready, 1 degraded: dead letters or failed studies wait, 2 not ready), and
+``orthonode_dead_letters_waiting`` the dead letters in the outbox now; both are read from the
+spool before each scrape (the service's ``on_scrape``).
 """
 
 from __future__ import annotations
@@ -125,6 +130,24 @@ class Metrics:
             "orthonode_model_info",
             "The loaded bundles (value 1): task, version and the weights' sha256",
             ["task", "version", "sha256"],
+            registry=self.registry,
+        )
+        self.health_state = Gauge(
+            "orthonode_health_state",
+            "Health: 0 ready, 1 degraded (dead letters or failed studies wait; health: in "
+            "conf.yaml), 2 not ready (what /readyz answers 503 for)",
+            registry=self.registry,
+        )
+        self.dead_letters_waiting = Gauge(
+            "orthonode_dead_letters_waiting",
+            "Dead letters in the outbox now (requeue them from the status page)",
+            registry=self.registry,
+        )
+        self.problems = Gauge(
+            "orthonode_problems_24h",
+            "Instances refused or ignored in the last 24 hours, by kind (unrouted, "
+            "not-radiograph, bad-pixel-data, limit, bad-input, storage)",
+            ["kind"],
             registry=self.registry,
         )
         self.gpu_memory = Gauge(

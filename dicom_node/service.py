@@ -7,6 +7,12 @@ for the assembler, the end of the next quiet period; for the sender, the next re
 studies caught mid-processing by a crash go back to the queue and unsent outputs are retried.
 ``stop()`` (SIGTERM) stops accepting associations, lets the current step finish and closes the
 spool.
+
+What is refused or ignored is recorded in the spool for the status page's problems view: each
+ingress refusal by :class:`~dicom_node.receive.ingest.Ingest` (the spool is its sink), each
+instance no routing rule matched by :meth:`~dicom_node.store.Spool.mark_routed`. Dead letters
+and failed studies make the node *degraded* (``health:`` in conf.yaml): ``/readyz`` says so,
+and so do the status page and ``orthonode_health_state``.
 """
 
 from __future__ import annotations
@@ -32,11 +38,14 @@ from dicom_node.metrics import Metrics
 from dicom_node.models.bundle import Bundle, load_bundles
 from dicom_node.pipeline import Pipeline
 from dicom_node.preprocess import display_image
+from dicom_node.problems import RECORDED_KINDS
 from dicom_node.receive import StorageScp
 from dicom_node.receive.dicomweb import StowRs
 from dicom_node.receive.ingest import Ingest
 from dicom_node.send import Sender
 from dicom_node.status import StatusPage
+from dicom_node.status.health import assess
+from dicom_node.status.model import StatusModel
 from dicom_node.store import OutboxItem, Spool
 from dicom_node.tasks import TaskSpec
 
@@ -158,6 +167,8 @@ class Service:
                 tokens=tokens,
                 stow=stow,
                 status=page,
+                warnings=self.warnings,
+                on_scrape=self._refresh_gauges,
             )
             self.http = HttpEndpoint(
                 config.node.host, config.node.http_port, app, tls=config.http.tls
@@ -277,6 +288,21 @@ class Service:
             + (["stopping"] if self._stop.is_set() else []),
             "spool": self.spool.health() if hasattr(self, "spool") else ["not open"],
         }
+
+    def warnings(self) -> list[str]:
+        """What makes the node degraded now (``health:``): dead letters, failed studies."""
+        if not hasattr(self, "spool"):
+            return []
+        return StatusModel(self.spool, self.config, clock=self.clock).warnings()
+
+    def _refresh_gauges(self) -> None:
+        """Before a scrape: health, dead letters waiting, problems of the last 24 hours."""
+        metrics = self.metrics
+        metrics.health_state.set(assess(self.checks(), self.warnings()).level)
+        metrics.dead_letters_waiting.set(self.spool.outbox_counts().get("dead", 0))
+        counts = self.spool.problem_counts(since=self.clock() - 86400)
+        for kind in RECORDED_KINDS:
+            metrics.problems.labels(kind=kind).set(counts.get(kind, 0))
 
     @staticmethod
     def _image_route(

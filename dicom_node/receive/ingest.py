@@ -8,6 +8,14 @@ returns), the audit trail gets one line, and ``on_stored`` wakes the assembler f
 instance. The answer is an :class:`Outcome` with the DICOM status the protocol reports (a
 C-STORE status, or a STOW-RS FailureReason). Logs carry UIDs and the source, never patient
 identifiers.
+
+Every refusal, whichever path made it (the checks here, or the protocol's own before it hands
+over: a SOP class or transfer syntax STOW-RS does not take, a part that is not DICOM, a
+decompression bomb), goes through :meth:`Ingest.refuse`: it writes the audit line and records
+the problem (:mod:`dicom_node.problems`) where the status page and ``python -m dicom_node
+status`` show it, with its kind, reason, peer and UIDs. The problems go to the sink when it
+keeps them (the spool does: :meth:`~dicom_node.store.Spool.record_problem`), or to the
+``problems`` recorder given.
 """
 
 from __future__ import annotations
@@ -15,13 +23,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from dicom_node.audit import Audit, NullAudit
 from dicom_node.errors import StorageFullError, StoreError
+from dicom_node.problems import BAD_INPUT, BAD_PIXEL_DATA, LIMIT, STORAGE, refusal_kind
 from dicom_node.receive.validate import Refusal, check_image
 
 __all__ = [
@@ -33,6 +42,7 @@ __all__ = [
     "Ingest",
     "InstanceSink",
     "Outcome",
+    "ProblemRecorder",
     "Source",
     "loggable_uid",
 ]
@@ -69,6 +79,28 @@ class InstanceSink(Protocol):
         stored. Raises ``StorageFullError`` when it cannot be kept, ``StoreError`` on any
         other storage failure.
         """
+        ...
+
+
+@runtime_checkable
+class ProblemRecorder(Protocol):
+    """Where refusals are recorded (the spool's ``problems`` table)."""
+
+    def record_problem(
+        self,
+        kind: str,
+        reason: str,
+        *,
+        protocol: str = "",
+        peer: str = "",
+        address: str = "",
+        status: str = "",
+        study_instance_uid: str = "",
+        series_instance_uid: str = "",
+        sop_instance_uid: str = "",
+    ) -> None:
+        """Keep one refused instance: its kind (:mod:`dicom_node.problems`), reason, who sent
+        it and its UIDs (only those; never an element value)."""
         ...
 
 
@@ -110,7 +142,11 @@ def uid_text(value: Any) -> str:
 
 
 class Ingest:
-    """Validate, store durably, audit and announce one decoded instance."""
+    """Validate, store durably, audit and announce one decoded instance.
+
+    ``problems`` records each refusal; by default the sink, when it is a
+    :class:`ProblemRecorder` (the spool), else nothing.
+    """
 
     def __init__(
         self,
@@ -119,14 +155,34 @@ class Ingest:
         max_image_pixels: int,
         audit: Audit | None = None,
         on_stored: Callable[[str, str], None] | None = None,
+        problems: ProblemRecorder | None = None,
     ) -> None:
         self._sink = sink
         self._max_image_pixels = max_image_pixels
         self._audit: Audit = audit or NullAudit()
         self._on_stored = on_stored
+        if problems is None and isinstance(sink, ProblemRecorder):
+            problems = sink
+        self._problems = problems
 
-    def refuse(self, source: Source, status: int, reason: str, **uids: str) -> Outcome:
-        """Audit an instance answered with a failure status; the outcome to report."""
+    def refuse(
+        self,
+        source: Source,
+        status: int,
+        reason: str,
+        *,
+        kind: str | None = None,
+        series_instance_uid: str = "",
+        **uids: str,
+    ) -> Outcome:
+        """Audit and record an instance answered with a failure status; the outcome to report.
+
+        ``kind`` (:mod:`dicom_node.problems`): what the problem is; by default read from the
+        status and the reason (:func:`~dicom_node.problems.refusal_kind`). ``uids``: the
+        instance's UIDs as far as they are known and valid (``sop_instance_uid``,
+        ``study_instance_uid``, ``affected_sop_instance_uid``, ``sop_class_uid``), written to
+        the audit line and the record; ``series_instance_uid`` goes to the record only.
+        """
         self._audit.record(
             "instance-refused",
             status=f"0x{status:04X}",
@@ -136,12 +192,50 @@ class Ingest:
             protocol=source.protocol,
             **uids,
         )
-        return Outcome(
+        sop_instance_uid = uids.get("sop_instance_uid") or uids.get("affected_sop_instance_uid", "")
+        self._record(
+            source,
             status,
             reason,
-            uids.get("sop_instance_uid", uids.get("affected_sop_instance_uid", "")),
-            uids.get("study_instance_uid", ""),
+            kind,
+            {**uids, "sop_instance_uid": sop_instance_uid, "series": series_instance_uid},
         )
+        return Outcome(status, reason, sop_instance_uid, uids.get("study_instance_uid", ""))
+
+    def _record(
+        self,
+        source: Source,
+        status: int,
+        reason: str,
+        kind: str | None,
+        uids: dict[str, str],
+    ) -> None:
+        if self._problems is None:
+            return
+
+        def valid(value: str) -> str:  # a placeholder or free text is not kept as a UID
+            digits = bool(value) and value.replace(".", "").isdigit()
+            return value if digits and UID(value).is_valid else ""
+
+        try:
+            self._problems.record_problem(
+                kind or refusal_kind(status, reason),
+                reason,
+                protocol=source.protocol,
+                peer=source.calling_ae.strip(),
+                address=source.address,
+                status=f"0x{status:04X}",
+                study_instance_uid=valid(uids.get("study_instance_uid", "")),
+                series_instance_uid=valid(uids.get("series", "")),
+                sop_instance_uid=valid(uids.get("sop_instance_uid", "")),
+            )
+        except Exception as error:  # the answer to the peer does not depend on this record
+            log.warning(
+                "%s from %s: the refusal could not be recorded (%s)",
+                source.protocol,
+                source.calling_ae.strip(),
+                type(error).__name__,
+            )
 
     def accept(
         self,
@@ -170,7 +264,7 @@ class Ingest:
                 type(error).__name__,
                 CANNOT_UNDERSTAND,
             )
-            return self.refuse(source, CANNOT_UNDERSTAND, "undecodable")
+            return self.refuse(source, CANNOT_UNDERSTAND, "undecodable", kind=BAD_INPUT)
         invalid = [keyword for keyword, uid in uids.items() if not uid or not UID(uid).is_valid]
         if invalid:
             log.warning(
@@ -185,11 +279,14 @@ class Ingest:
                 source,
                 CANNOT_UNDERSTAND,
                 "missing or invalid UIDs",
+                kind=BAD_INPUT,
                 sop_instance_uid=loggable_uid(uids["SOPInstanceUID"]),
             )
         sop_instance_uid = uids["SOPInstanceUID"]
         study_instance_uid = uids["StudyInstanceUID"]
         named = {"sop_instance_uid": sop_instance_uid, "study_instance_uid": study_instance_uid}
+        # The problem record also keeps the series (the audit line keeps what it always had).
+        series = uids["SeriesInstanceUID"]
         if expected_study is not None and study_instance_uid != expected_study:
             log.warning(
                 "%s %s from %s: its study %s is not the study %s of the request; answering 0x%04X",
@@ -201,7 +298,12 @@ class Ingest:
                 SOP_CLASS_MISMATCH,
             )
             return self.refuse(
-                source, SOP_CLASS_MISMATCH, "Study Instance UID does not match the request", **named
+                source,
+                SOP_CLASS_MISMATCH,
+                "Study Instance UID does not match the request",
+                kind=BAD_INPUT,
+                **named,
+                series_instance_uid=series,
             )
         try:
             unreadable = check_image(dataset, syntax=syntax, max_pixels=self._max_image_pixels)
@@ -218,7 +320,15 @@ class Ingest:
                 unreadable.reason,
                 unreadable.status,
             )
-            return self.refuse(source, unreadable.status, unreadable.reason, **named)
+            pixel_kind = LIMIT if unreadable.status == OUT_OF_RESOURCES else BAD_PIXEL_DATA
+            return self.refuse(
+                source,
+                unreadable.status,
+                unreadable.reason,
+                kind=pixel_kind,
+                series_instance_uid=series,
+                **named,
+            )
         context = {**named, "calling_ae_title": calling}
         try:
             is_new = self._sink.store(
@@ -230,18 +340,20 @@ class Ingest:
                 calling_ae_title=calling,
             )
         except StoreError as error:
-            kind = "storage full" if isinstance(error, StorageFullError) else "store failed"
+            what = "storage full" if isinstance(error, StorageFullError) else "store failed"
             log.error(
                 "%s %s from %s: %s (%s); answering 0x%04X",
                 via,
                 sop_instance_uid,
                 calling,
-                kind,
+                what,
                 error,
                 OUT_OF_RESOURCES,
                 extra=context,
             )
-            return self.refuse(source, OUT_OF_RESOURCES, kind, **named)
+            return self.refuse(
+                source, OUT_OF_RESOURCES, what, kind=STORAGE, series_instance_uid=series, **named
+            )
         except Exception:
             log.exception(
                 "%s %s from %s: unexpected sink error; answering 0x%04X",
@@ -251,7 +363,14 @@ class Ingest:
                 UNABLE_TO_PROCESS,
                 extra=context,
             )
-            return self.refuse(source, UNABLE_TO_PROCESS, "store failed", **named)
+            return self.refuse(
+                source,
+                UNABLE_TO_PROCESS,
+                "store failed",
+                kind=STORAGE,
+                series_instance_uid=series,
+                **named,
+            )
 
         self._audit.record(
             "instance-stored",

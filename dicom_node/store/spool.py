@@ -12,10 +12,21 @@ fsynced, renamed into place, its directory fsynced, and its row committed, and o
 :meth:`Spool.store` return. File names are validated SOP Instance UIDs, never paths from the
 network. On start, jobs left half-done by a crash go back to the queue.
 
+What the node refused or ignored is kept in the ``problems`` table (:mod:`dicom_node.problems`):
+ingress records each refusal (:meth:`Spool.record_problem`), and :meth:`Spool.mark_routed`
+records an instance no routing rule matched in the transaction that marks it. The newest
+:data:`PROBLEMS_KEPT` rows are kept; older ones are pruned in the same transaction.
+
+The read side of the status page (:meth:`Spool.find_studies`, :meth:`Spool.problems`,
+:meth:`Spool.instances_of`) filters and pages in SQL. A done study's outcome (answered or not
+applicable) and its one-line summary are read from its SR by the status page and cached on the
+study's row (:meth:`Spool.set_outcome`, for one version only), so that a filter on them is a
+query, not a read of every report.
+
 The class is the store interface the stages use; a PostgreSQL implementation with the same
-methods can replace it when several nodes share one queue. It is one file of about 550 lines on
-purpose: one class over one connection, so that each state transition is one transaction next
-to the schema it changes.
+methods can replace it when several nodes share one queue. It is one file on purpose: one class
+over one connection, so that each state transition is one transaction next to the schema it
+changes.
 """
 
 from __future__ import annotations
@@ -36,8 +47,19 @@ from pydicom.uid import UID
 
 from dicom_node.domain import InstanceRef, RoutedView, StudyJob
 from dicom_node.errors import StorageFullError, StoreError
+from dicom_node.problems import UNROUTED
 
-__all__ = ["OutboxItem", "Spool", "StudyState"]
+__all__ = [
+    "PROBLEMS_KEPT",
+    "STUDY_FILTER_STATES",
+    "InstanceRecord",
+    "OutboxItem",
+    "Problem",
+    "ProblemFilter",
+    "Spool",
+    "StudyFilter",
+    "StudyState",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,10 +109,61 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS outbox_path ON outbox(destination, path);
 CREATE INDEX IF NOT EXISTS outbox_study ON outbox(study_instance_uid, task);
+CREATE TABLE IF NOT EXISTS problems (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,        -- dicom_node.problems: unrouted | not-radiograph | ...
+    reason TEXT NOT NULL,
+    protocol TEXT NOT NULL DEFAULT '',  -- C-STORE | STOW-RS ('' for an unrouted instance)
+    peer TEXT NOT NULL DEFAULT '',      -- the calling AE title, or the STOW-RS token's name
+    address TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT '',    -- the DICOM status answered, e.g. 0xA900
+    study_instance_uid TEXT NOT NULL DEFAULT '',
+    series_instance_uid TEXT NOT NULL DEFAULT '',
+    sop_instance_uid TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS problems_at ON problems(at);
+CREATE INDEX IF NOT EXISTS problems_study ON problems(study_instance_uid);
 """
 
 # Columns added after a spool was first created: (table, column, declaration).
-_ADDED_COLUMNS = (("studies", "claimed_at", "REAL"),)
+_ADDED_COLUMNS = (
+    ("studies", "claimed_at", "REAL"),
+    # The status page's cache of a done study's SR: answered | not-applicable | no-report,
+    # its one-line summary, and the version they were read from.
+    ("studies", "outcome", "TEXT"),
+    ("studies", "outcome_version", "INTEGER"),
+    ("studies", "summary", "TEXT"),
+)
+
+#: How many problems the spool keeps (the newest); older ones are pruned as new ones come.
+PROBLEMS_KEPT = 10_000
+
+#: The states a study can be filtered by. waiting: collecting or ready; answered and
+#: not-applicable: done, by its SR's outcome; sending: an output still pending;
+#: dead-letter: an output dead-lettered (any version of the study's task).
+STUDY_FILTER_STATES = (
+    "waiting",
+    "processing",
+    "answered",
+    "not-applicable",
+    "failed",
+    "sending",
+    "dead-letter",
+)
+
+_STATE_SQL = {
+    "waiting": "s.state IN ('collecting', 'ready')",
+    "processing": "s.state = 'processing'",
+    "answered": "s.state = 'done' AND s.outcome = 'answered' AND s.outcome_version = s.version",
+    "not-applicable": "s.state = 'done' AND s.outcome = 'not-applicable' "
+    "AND s.outcome_version = s.version",
+    "failed": "s.state = 'failed'",
+    "sending": "EXISTS (SELECT 1 FROM outbox o WHERE o.study_instance_uid = s.study_instance_uid "
+    "AND o.task = s.task AND o.state = 'pending')",
+    "dead-letter": "EXISTS (SELECT 1 FROM outbox o WHERE o.study_instance_uid = "
+    "s.study_instance_uid AND o.task = s.task AND o.state = 'dead')",
+}
 
 
 @dataclass(frozen=True)
@@ -103,6 +176,65 @@ class StudyState:
     error: str | None
     updated_at: float = 0.0
     claimed_at: float | None = None  # when its last processing began
+    # Done, and its SR read (set_outcome): answered | not-applicable | no-report, and the
+    # SR's one-line summary; None until then (and for any other state).
+    outcome: str | None = None
+    summary: str | None = None
+
+
+@dataclass(frozen=True)
+class StudyFilter:
+    """Which studies :meth:`Spool.find_studies` returns; every given field must match."""
+
+    uid: str = ""  # part of the Study Instance UID, or of one of its series or SOP UIDs
+    task: str | None = None
+    state: str | None = None  # one of STUDY_FILTER_STATES
+    received_from: float | None = None  # its newest instance received at or after
+    received_before: float | None = None  # ... and before
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One refused or ignored instance (a row of the ``problems`` table)."""
+
+    id: int
+    at: float
+    kind: str
+    reason: str
+    protocol: str
+    peer: str
+    address: str
+    status: str
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+
+
+@dataclass(frozen=True)
+class ProblemFilter:
+    """Which problems :meth:`Spool.problems` returns; every given field must match."""
+
+    kind: str | None = None
+    uid: str = ""  # part of its study, series or SOP Instance UID
+    since: float | None = None
+    before: float | None = None
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """A received instance as the index knows it (the status page's study view)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    path: Path
+    calling_ae_title: str
+    received_at: float
+    routed: bool | None  # None: not routed yet; False: no rule matched
+    task: str | None
+    view: str | None
+    laterality: str | None
 
 
 @dataclass(frozen=True)
@@ -140,8 +272,10 @@ class Spool:
         min_free_bytes: int = 0,
         clock: Callable[[], float] = time.time,
         free_space: Callable[[Path], int] = lambda path: shutil.disk_usage(path).free,
+        problems_kept: int = PROBLEMS_KEPT,
     ) -> None:
         self.root = root
+        self.problems_kept = problems_kept
         self._free_space = free_space  # bytes free where the spool lives (tests inject one)
         self.instances_dir = root / "instances"
         self.outputs_dir = root / "outputs"
@@ -315,6 +449,7 @@ class Spool:
                 (int(task is not None), task, view, laterality, instance.sop_instance_uid),
             )
             if task is None:
+                self._unrouted(db, instance.sop_instance_uid, now)
                 return
             state = db.execute(
                 "SELECT state FROM studies WHERE study_instance_uid = ? AND task = ?",
@@ -340,6 +475,25 @@ class Spool:
                     "updated_at = ? WHERE study_instance_uid = ? AND task = ?",
                     (received_at, now, instance.study_instance_uid, task),
                 )
+
+    def _unrouted(self, db: sqlite3.Connection, sop_instance_uid: str, now: float) -> None:
+        """Record an instance no routing rule matched (in the caller's transaction)."""
+        row = db.execute(
+            "SELECT study_instance_uid, series_instance_uid, calling_ae_title FROM instances "
+            "WHERE sop_instance_uid = ?",
+            (sop_instance_uid,),
+        ).fetchone()
+        study, series, peer = row if row else ("", "", "")
+        self._insert_problem(
+            db,
+            now,
+            UNROUTED,
+            "no routing rule matched (or its task is not served)",
+            peer=peer,
+            study_instance_uid=study,
+            series_instance_uid=series,
+            sop_instance_uid=sop_instance_uid,
+        )
 
     def promote_ready(
         self, required_views: Mapping[str, Collection[str]], quiet_since: float
@@ -483,20 +637,193 @@ class Spool:
 
     def study(self, study_instance_uid: str, task: str) -> StudyState | None:
         """One study's state, or None."""
-        found = self._studies("study_instance_uid = ? AND task = ?", (study_instance_uid, task))
+        found = self._studies("s.study_instance_uid = ? AND s.task = ?", (study_instance_uid, task))
         return found[0] if found else None
 
     def recent_studies(self, limit: int = 20) -> list[StudyState]:
-        return self._studies("1 = 1 ORDER BY updated_at DESC LIMIT ?", (limit,))
+        return self._studies("1 = 1 ORDER BY s.updated_at DESC LIMIT ?", (limit,))
 
-    def _studies(self, where: str, params: tuple[object, ...] = ()) -> list[StudyState]:
+    def _studies(self, where: str, params: Sequence[object] = ()) -> list[StudyState]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT study_instance_uid, task, state, version, last_received_at, error, "
-                f"updated_at, claimed_at FROM studies WHERE {where}",
-                params,
+                "SELECT s.study_instance_uid, s.task, s.state, s.version, s.last_received_at, "
+                "s.error, s.updated_at, s.claimed_at, "
+                f"CASE WHEN {_OUTCOME_CURRENT} THEN s.outcome END, "
+                f"CASE WHEN {_OUTCOME_CURRENT} THEN s.summary END "
+                f"FROM studies s WHERE {where}",
+                tuple(params),
             ).fetchall()
         return [StudyState(*row) for row in rows]
+
+    # -- the status page's read side --------------------------------------------------------
+    def find_studies(
+        self, where: StudyFilter, limit: int, offset: int = 0
+    ) -> tuple[list[StudyState], int]:
+        """One page of the studies ``where`` selects, most recently changed first, and how
+        many it selects in all."""
+        clause, params = _study_clause(where)
+        with self._lock:
+            (total,) = self._db.execute(
+                f"SELECT COUNT(*) FROM studies s WHERE {clause}", params
+            ).fetchone()
+        page = self._studies(
+            f"{clause} ORDER BY s.updated_at DESC, s.study_instance_uid, s.task LIMIT ? OFFSET ?",
+            (*params, limit, offset),
+        )
+        return page, int(total)
+
+    def studies_of(self, study_instance_uid: str) -> list[StudyState]:
+        """Every task's state of one study (empty: the node has no job for it)."""
+        return self._studies("s.study_instance_uid = ? ORDER BY s.task", (study_instance_uid,))
+
+    def state_counts(self, since: float | None = None) -> dict[str, int]:
+        """How many studies are in each of :data:`STUDY_FILTER_STATES` (a study may be in two:
+        answered and sending); ``since``: only those changed since then."""
+        recent = "s.updated_at >= ?" if since is not None else "1 = 1"
+        params: tuple[object, ...] = (since,) if since is not None else ()
+        columns = ", ".join(
+            f"COALESCE(SUM(CASE WHEN {_STATE_SQL[state]} THEN 1 ELSE 0 END), 0)"
+            for state in STUDY_FILTER_STATES
+        )
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {columns} FROM studies s WHERE {recent}", params
+            ).fetchone()
+        return {state: int(n) for state, n in zip(STUDY_FILTER_STATES, row, strict=True)}
+
+    def unclassified(self, limit: int = 200) -> list[StudyState]:
+        """Done studies whose outcome has not been read from their SR for this version."""
+        return self._studies(
+            "s.state = 'done' AND (s.outcome_version IS NULL OR s.outcome_version != s.version) "
+            "ORDER BY s.updated_at DESC LIMIT ?",
+            (limit,),
+        )
+
+    def set_outcome(
+        self, study_instance_uid: str, task: str, version: int, outcome: str, summary: str
+    ) -> bool:
+        """Cache what a done version's SR says (``outcome``: answered | not-applicable |
+        no-report, and its one-line ``summary``); False when the study has moved on."""
+        with self._transaction() as db:
+            return (
+                db.execute(
+                    "UPDATE studies SET outcome = ?, summary = ?, outcome_version = version "
+                    "WHERE study_instance_uid = ? AND task = ? AND version = ? "
+                    "AND state = 'done'",
+                    (outcome, summary, study_instance_uid, task, version),
+                ).rowcount
+                == 1
+            )
+
+    def failed_since(self, since: float) -> int:
+        """How many studies are failed, their failure recorded at or after ``since``."""
+        with self._lock:
+            (count,) = self._db.execute(
+                "SELECT COUNT(*) FROM studies WHERE state = 'failed' AND updated_at >= ?",
+                (since,),
+            ).fetchone()
+        return int(count)
+
+    def instances_of(self, study_instance_uid: str) -> list[InstanceRecord]:
+        """Every instance received for a study, oldest first, routed or not."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT sop_instance_uid, sop_class_uid, study_instance_uid, "
+                "series_instance_uid, path, calling_ae_title, received_at, routed, task, view, "
+                "laterality FROM instances WHERE study_instance_uid = ? "
+                "ORDER BY received_at, rowid",
+                (study_instance_uid,),
+            ).fetchall()
+        return [
+            InstanceRecord(
+                sop_instance_uid=row[0],
+                sop_class_uid=row[1],
+                study_instance_uid=row[2],
+                series_instance_uid=row[3],
+                path=self.root / row[4],
+                calling_ae_title=row[5],
+                received_at=row[6],
+                routed=None if row[7] is None else bool(row[7]),
+                task=row[8],
+                view=row[9],
+                laterality=row[10],
+            )
+            for row in rows
+        ]
+
+    # -- problems: what was refused or ignored ----------------------------------------------
+    def record_problem(
+        self,
+        kind: str,
+        reason: str,
+        *,
+        protocol: str = "",
+        peer: str = "",
+        address: str = "",
+        status: str = "",
+        study_instance_uid: str = "",
+        series_instance_uid: str = "",
+        sop_instance_uid: str = "",
+    ) -> None:
+        """Record a refused or ignored instance (:mod:`dicom_node.problems`); the oldest rows
+        beyond :attr:`problems_kept` go in the same transaction. Only UIDs, AE titles,
+        addresses, codes and the node's own reasons belong here."""
+        try:
+            with self._transaction() as db:
+                self._insert_problem(
+                    db,
+                    self._clock(),
+                    kind,
+                    reason,
+                    protocol=protocol,
+                    peer=peer,
+                    address=address,
+                    status=status,
+                    study_instance_uid=study_instance_uid,
+                    series_instance_uid=series_instance_uid,
+                    sop_instance_uid=sop_instance_uid,
+                )
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot record a {kind} problem: {error}") from error
+
+    def _insert_problem(
+        self, db: sqlite3.Connection, at: float, kind: str, reason: str, **fields: str
+    ) -> None:
+        columns = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        cursor = db.execute(
+            f"INSERT INTO problems (at, kind, reason, {columns}) VALUES (?, ?, ?, {marks})",
+            (at, kind, reason, *fields.values()),
+        )
+        newest = cursor.lastrowid or 0
+        if newest > self.problems_kept:
+            db.execute("DELETE FROM problems WHERE id <= ?", (newest - self.problems_kept,))
+
+    def problems(
+        self, where: ProblemFilter, limit: int = 100, offset: int = 0
+    ) -> tuple[list[Problem], int]:
+        """One page of the problems ``where`` selects, newest first, and how many in all."""
+        clause, params = _problem_clause(where)
+        with self._lock:
+            (total,) = self._db.execute(
+                f"SELECT COUNT(*) FROM problems WHERE {clause}", params
+            ).fetchone()
+            rows = self._db.execute(
+                "SELECT id, at, kind, reason, protocol, peer, address, status, "
+                "study_instance_uid, series_instance_uid, sop_instance_uid FROM problems "
+                f"WHERE {clause} ORDER BY id DESC LIMIT ? OFFSET ?",
+                (*params, limit, offset),
+            ).fetchall()
+        return [Problem(*row) for row in rows], int(total)
+
+    def problem_counts(self, since: float | None = None) -> dict[str, int]:
+        """Problems kept, by kind (``since``: only those recorded since then)."""
+        clause, params = _problem_clause(ProblemFilter(since=since))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT kind, COUNT(*) FROM problems WHERE {clause} GROUP BY kind", params
+            ).fetchall()
+        return {str(kind): int(n) for kind, n in rows}
 
     def resume(self) -> int:
         """After a restart: studies caught mid-processing go back to 'ready'. Returns how many."""
@@ -605,3 +932,57 @@ class Spool:
                 "updated_at = ? WHERE state = 'dead'",
                 (self._clock(), self._clock()),
             ).rowcount
+
+
+_OUTCOME_CURRENT = "s.state = 'done' AND s.outcome_version = s.version"
+
+
+def _study_clause(where: StudyFilter) -> tuple[str, tuple[object, ...]]:
+    """The SQL condition on ``studies s`` for a filter, and its parameters."""
+    parts: list[str] = ["1 = 1"]
+    params: list[object] = []
+    if where.uid:
+        parts.append(
+            "(instr(s.study_instance_uid, ?) > 0 OR EXISTS (SELECT 1 FROM instances i "
+            "WHERE i.study_instance_uid = s.study_instance_uid AND "
+            "(instr(i.sop_instance_uid, ?) > 0 OR instr(i.series_instance_uid, ?) > 0)))"
+        )
+        params += [where.uid] * 3
+    if where.task:
+        parts.append("s.task = ?")
+        params.append(where.task)
+    if where.state:
+        if where.state not in _STATE_SQL:
+            raise ValueError(
+                f"no study state {where.state!r}: use one of {', '.join(STUDY_FILTER_STATES)}"
+            )
+        parts.append(f"({_STATE_SQL[where.state]})")
+    if where.received_from is not None:
+        parts.append("s.last_received_at >= ?")
+        params.append(where.received_from)
+    if where.received_before is not None:
+        parts.append("s.last_received_at < ?")
+        params.append(where.received_before)
+    return " AND ".join(parts), tuple(params)
+
+
+def _problem_clause(where: ProblemFilter) -> tuple[str, tuple[object, ...]]:
+    """The SQL condition on ``problems`` for a filter, and its parameters."""
+    parts: list[str] = ["1 = 1"]
+    params: list[object] = []
+    if where.kind:
+        parts.append("kind = ?")
+        params.append(where.kind)
+    if where.uid:
+        parts.append(
+            "(instr(study_instance_uid, ?) > 0 OR instr(series_instance_uid, ?) > 0 "
+            "OR instr(sop_instance_uid, ?) > 0)"
+        )
+        params += [where.uid] * 3
+    if where.since is not None:
+        parts.append("at >= ?")
+        params.append(where.since)
+    if where.before is not None:
+        parts.append("at < ?")
+        params.append(where.before)
+    return " AND ".join(parts), tuple(params)

@@ -32,6 +32,7 @@ def exported() -> set[str]:
     metrics.dropped.labels(reason="timeout").inc()
     metrics.outbox.labels(state="dead").set(0)
     metrics.latency.labels(task="x").observe(1)
+    metrics.problems.labels(kind="unrouted").set(0)
     text = generate_latest(metrics.registry).decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
 
@@ -55,3 +56,15 @@ def test_dashboard_uses_exported_metrics() -> None:
     for expr in expressions:
         for name in NAME.findall(expr):
             assert name in names, f"{name} is not exported"
+
+
+def test_a_degraded_node_alerts() -> None:
+    """Dead letters or failed studies make the node degraded (orthonode_health_state 1): an
+    alert of its own, apart from not ready (2)."""
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    alerts = {r["alert"]: r for g in rules["groups"] for r in g["rules"]}
+    assert alerts["OrthonodeDegraded"]["expr"] == "orthonode_health_state == 1"
+    assert alerts["OrthonodeDegraded"]["labels"]["severity"] == "warning"
+    assert alerts["OrthonodeNotReady"]["expr"] == "orthonode_health_state == 2"
+    names = exported()
+    assert {"orthonode_health_state", "orthonode_dead_letters_waiting"} <= names
