@@ -408,7 +408,15 @@ def _group(
     lateralities: Sequence[str | None],
     images: Sequence[Dataset],
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    """The study-level TID 1501 group: the fused result of the images it combines."""
+    """The study-level TID 1501 group: the fused result of the images it combines.
+
+    Its first NUM (the result) is INFERRED FROM the whole of the first image it combines (a
+    closed POLYLINE on the image's edges): OHIF 3.13.2 stops loading an SR at the first
+    measurement group it cannot place on an image (TypeError in
+    _checkIfCanAddMeasurementsToDisplaySet, a black viewport), and places a group without an
+    Image Region by its NUMs' coordinates. Drawn on the frame of the image, the study-level
+    label stands apart from the image's own box (the localiser's square).
+    """
     # The study-level group has a side only when every image it combines shows the same one.
     sides = set(lateralities)
     side = _LATERALITY.get(sides.pop() or "") if len(sides) == 1 else None
@@ -419,7 +427,7 @@ def _group(
         algorithm_id=hd.sr.AlgorithmIdentification(
             name=prediction.model.name, version=prediction.model.version
         ),
-        measurements=_measurements(prediction, probabilities),
+        measurements=_measurements(prediction, probabilities, frame=images[0]),
         qualitative_evaluations=[_evaluation(prediction, spec, probabilities)],
         source_images=[
             hd.sr.SourceImageForMeasurementGroup.from_source_image(image) for image in images
@@ -493,22 +501,23 @@ def _label_lines(prediction: Prediction) -> int:
 
 
 def _measurements(
-    prediction: Prediction, probabilities: Sequence[float]
+    prediction: Prediction, probabilities: Sequence[float], *, frame: Dataset | None = None
 ) -> list[hd.sr.Measurement]:
     """The group's NUM items, the result first: at an operating point the positive class's
     probability and the point; otherwise the called class's probability. Then the other
-    classes, most probable first, then Certainty of Finding (the called class's probability)."""
+    classes, most probable first, then Certainty of Finding (the called class's probability).
+    With ``frame``, the first is INFERRED FROM that image's whole extent (see :func:`_group`)."""
     probabilities = tuple(float(p) for p in probabilities)
     best = decide(probabilities, prediction.decision_threshold)
     items: list[hd.sr.Measurement] = []
     order = sorted(range(len(probabilities)), key=lambda i: (-probabilities[i], i))
     if prediction.decision_threshold is not None and len(probabilities) == 2:
-        items.append(_percent(_coded(prediction.classes[1]), probabilities[1]))
+        items.append(_percent(_coded(prediction.classes[1]), probabilities[1], frame))
         items.append(_percent(_operating_point(prediction), prediction.decision_threshold))
         order = [0]
     else:
         order.remove(best)
-        items.append(_percent(_coded(prediction.classes[best]), probabilities[best]))
+        items.append(_percent(_coded(prediction.classes[best]), probabilities[best], frame))
     items += [_percent(_coded(prediction.classes[i]), probabilities[i]) for i in order]
     items.append(_percent(_CERTAINTY, probabilities[best]))
     return items
@@ -689,8 +698,25 @@ def _remove_imaging_measurements(root: Dataset) -> None:
     del content[index]
 
 
-def _percent(name: hd.sr.CodedConcept, probability: float) -> hd.sr.Measurement:
-    return hd.sr.Measurement(name=name, value=round(100.0 * float(probability), 2), unit=_PERCENT)
+def _percent(
+    name: hd.sr.CodedConcept, probability: float, frame: Dataset | None = None
+) -> hd.sr.Measurement:
+    coordinates = None
+    if frame is not None:
+        box = _box(frame, None)
+        coordinates = [
+            hd.sr.CoordinatesForMeasurement(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=np.asarray(box.value, dtype=np.float64),
+                source_image=hd.sr.SourceImageForRegion.from_source_image(frame),
+            )
+        ]
+    return hd.sr.Measurement(
+        name=name,
+        value=round(100.0 * float(probability), 2),
+        unit=_PERCENT,
+        referenced_coordinates=coordinates,
+    )
 
 
 def _concept(code: Code) -> hd.sr.CodedConcept:

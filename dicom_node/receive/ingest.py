@@ -37,6 +37,7 @@ __all__ = [
     "CANNOT_UNDERSTAND",
     "OUT_OF_RESOURCES",
     "SOP_CLASS_MISMATCH",
+    "SOP_CLASS_NOT_SUPPORTED",
     "SUCCESS",
     "UNABLE_TO_PROCESS",
     "Ingest",
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 SOP_CLASS_MISMATCH = 0xA900
+SOP_CLASS_NOT_SUPPORTED = 0x0122  # C-STORE: refused at negotiation; STOW-RS: a part's reason
 CANNOT_UNDERSTAND = 0xC210
 UNABLE_TO_PROCESS = 0xC211
 
@@ -201,6 +203,12 @@ class Ingest:
             {**uids, "sop_instance_uid": sop_instance_uid, "series": series_instance_uid},
         )
         return Outcome(status, reason, sop_instance_uid, uids.get("study_instance_uid", ""))
+
+    def note(self, source: Source, kind: str, reason: str, status: int) -> None:
+        """Record a problem that is not one instance's answer (e.g. an association whose SOP
+        classes the node does not take, so nothing could be sent): no UID, no audit line of
+        its own (the association's audit line says who it was)."""
+        self._record(source, status, reason, kind, {})
 
     def _record(
         self,

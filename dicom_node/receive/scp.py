@@ -56,6 +56,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE
 
 from dicom_node.audit import Audit, NullAudit
 from dicom_node.config import NodeConfig, PeerConfig
+from dicom_node.problems import NOT_RADIOGRAPH
 from dicom_node.receive.guard import (
     MAX_UNLIMITED_PDU,
     GateSettings,
@@ -65,6 +66,7 @@ from dicom_node.receive.guard import (
 from dicom_node.receive.ingest import (
     CANNOT_UNDERSTAND,
     SOP_CLASS_MISMATCH,
+    SOP_CLASS_NOT_SUPPORTED,
     UNABLE_TO_PROCESS,
     Ingest,
     InstanceSink,
@@ -178,6 +180,9 @@ class StorageScp:
             on_stored=on_stored,
         )
         self._on_association = on_association or (lambda result, reason: None)
+        # Associations whose storage contexts were all refused, until they end (by id).
+        self._refused_classes: dict[int, list[str]] = {}
+        self._refused_lock = threading.Lock()
         self._on_dropped = on_dropped or (lambda reason: None)
         self._audit: Audit = audit or NullAudit()
         self._on_instance = on_instance or (lambda sop_class, status, seconds: None)
@@ -224,6 +229,8 @@ class StorageScp:
                 (evt.EVT_REJECTED, self._handle_rejected),
                 (evt.EVT_ACCEPTED, self._handle_accepted),
                 (evt.EVT_C_STORE, self._handle_store),
+                (evt.EVT_RELEASED, self._handle_ended),
+                (evt.EVT_ABORTED, self._handle_ended),
             ]
             gate = GateSettings(
                 pre_association_timeout=settings.pre_association_timeout_s,
@@ -411,11 +418,40 @@ class StorageScp:
                 calling,
                 context.status,
             )
+        # A peer whose image is of a class the node does not take never reaches a handler
+        # (a CT over C-STORE is refused at negotiation): an association that proposed such
+        # classes and stores nothing is recorded as a problem when it ends, with the classes.
+        others = [
+            str(cx.abstract_syntax)
+            for cx in rejected
+            if cx.abstract_syntax not in STORAGE_SOP_CLASSES
+            and _is_storage(str(cx.abstract_syntax))
+        ]
+        if others:
+            with self._refused_lock:
+                self._refused_classes[id(event.assoc)] = others
+
+    def _handle_ended(self, event: Event) -> None:
+        with self._refused_lock:
+            others = self._refused_classes.pop(id(event.assoc), None)
+        if not others:  # none refused, or something was stored
+            return
+        # Image classes first: a modality's image is what an administrator looks for.
+        names = sorted({UID(uid).name for uid in others}, key=lambda n: ("Image" not in n, n))
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        self._ingest.note(
+            self._source(event),
+            NOT_RADIOGRAPH,
+            f"nothing stored; proposed SOP class(es) the node does not take: {shown}",
+            SOP_CLASS_NOT_SUPPORTED,
+        )
 
     # -- C-STORE -----------------------------------------------------------------------------
 
     def _handle_store(self, event: Event) -> int:
         started = time.perf_counter()
+        with self._refused_lock:  # it sends what the node takes: the refusals were no problem
+            self._refused_classes.pop(id(event.assoc), None)
         status = UNABLE_TO_PROCESS
         try:
             status = self._store(event)
@@ -484,6 +520,11 @@ class StorageScp:
             source=self._source(event),
         )
         return outcome.status
+
+
+def _is_storage(sop_class_uid: str) -> bool:
+    """A storage SOP class (by pydicom's UID dictionary: "CT Image Storage", ...)."""
+    return "Storage" in UID(sop_class_uid).name
 
 
 def _primitive(primitive: A_ASSOCIATE | None) -> A_ASSOCIATE:

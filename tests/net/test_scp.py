@@ -510,3 +510,69 @@ def test_dcmtk_storescu_is_rejected_by_the_allow_list(
     result = subprocess.run([*command, str(dx_file)], capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert sink.calls == []
+
+
+# -- inputs refused at negotiation are problems ------------------------------------------------
+
+
+class ProblemSink(MemorySink):
+    """A MemorySink that keeps what Ingest records as problems (the spool's role)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.problems: list[tuple[str, str, dict[str, str]]] = []
+
+    def record_problem(self, kind: str, reason: str, **fields: str) -> None:
+        with self._lock:
+            self.problems.append((kind, reason, fields))
+
+
+def test_an_association_of_classes_the_node_does_not_take_is_a_problem(
+    start_scp: Callable[..., StorageScp],
+) -> None:
+    """A CT offered over C-STORE never reaches a handler: the association is the record."""
+    sink = ProblemSink()
+    scp = start_scp(sink)
+    with association(scp.port, [(CTImageStorage, [ExplicitVRLittleEndian])]) as assoc:
+        assert not assoc.is_established
+    assert wait_for(lambda: bool(sink.problems))
+    [(kind, reason, fields)] = sink.problems
+    assert kind == "not-radiograph"
+    assert (
+        reason == "nothing stored; proposed SOP class(es) the node does not take: CT Image Storage"
+    )
+    assert (fields["protocol"], fields["peer"], fields["status"]) == (
+        "C-STORE",
+        SCU_AE_TITLE,
+        "0x0122",
+    )
+    # An echo, and an association that proposed a CT beside what it then stored, are none.
+    with association(scp.port, [(VERIFICATION, [ExplicitVRLittleEndian])]) as assoc:
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+    assert len(sink.problems) == 1
+
+
+def test_dcmtk_storescu_of_a_ct_is_a_problem_and_of_a_dx_is_not(
+    start_scp: Callable[..., StorageScp], dx_file: Path, tmp_path: Path
+) -> None:
+    storescu = require_tool("storescu")
+    sink = ProblemSink()
+    scp = start_scp(sink)
+    command = [storescu, "-aet", SCU_AE_TITLE, "-aec", "ORTHONODE", "127.0.0.1", str(scp.port)]
+    ct = pydicom.dcmread(dx_file)
+    ct.SOPClassUID = ct.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ct.Modality = "CT"
+    ct.SOPInstanceUID = ct.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ct_file = tmp_path / "ct.dcm"
+    ct.save_as(ct_file, enforce_file_format=True)
+    refused = subprocess.run([*command, str(ct_file)], capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 or "no presentation context" in refused.stderr.lower()
+    assert wait_for(lambda: bool(sink.problems))
+    [(kind, reason, _)] = sink.problems
+    # storescu proposes every storage class it knows: the record names image classes first.
+    assert kind == "not-radiograph" and "the node does not take" in reason
+    assert "Image Storage" in reason.split(": ", 1)[1].split(",")[0]
+    stored = subprocess.run([*command, str(dx_file)], capture_output=True, text=True, timeout=60)
+    assert stored.returncode == 0, stored.stderr
+    assert wait_for(lambda: bool(sink.instances))
+    assert len(sink.problems) == 1  # the DX association stored: no problem

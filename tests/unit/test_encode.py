@@ -1808,3 +1808,27 @@ def test_sr_rejects_explanations_of_other_images(phantoms: dict[str, Path]) -> N
         build_structured_report(
             case.prediction, case.sources, [], spec=KNEE, explanations=case.explanations[:1]
         )
+
+
+def test_the_fused_group_is_placed_on_the_frame_of_its_first_image(
+    phantoms: dict[str, Path],
+) -> None:
+    """OHIF stops loading an SR at a group it cannot place on an image (a black viewport):
+    the study-level result is inferred from the whole of the first image it combines."""
+    case = standard_case(phantoms["knee"], "knee")
+    fused = measurement_groups(case.report)[-1]
+    assert isinstance(fused, hd.sr.MeasurementsAndQualitativeEvaluations)
+    first, *rest = [item for item in fused[0].ContentSequence if item.ValueType == "NUM"]
+    (scoord,) = first.ContentSequence
+    assert (scoord.ValueType, scoord.RelationshipType, scoord.GraphicType) == (
+        "SCOORD",
+        "INFERRED FROM",
+        "POLYLINE",
+    )
+    source = case.sources[0]
+    corners = np.asarray(scoord.GraphicData, dtype=float).reshape(-1, 2)
+    assert (corners.min(axis=0) == 0).all()
+    assert corners.max(axis=0).tolist() == [float(source.Columns), float(source.Rows)]
+    image = scoord.ContentSequence[0].ReferencedSOPSequence[0]
+    assert image.ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert all("ContentSequence" not in item for item in rest)  # one placement is enough
