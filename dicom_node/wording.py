@@ -5,9 +5,11 @@ burned-in lines and the status page all word a result through these functions, s
 never disagree (before, the SC said "100 %" where the SR said 99.81 %).
 
 The rounding rule (:func:`percent_text`): a probability is shown in whole percent, except that
-a value that would round to 0 or 100 without being exactly that is shown as "<1 %" or ">99 %".
-A model is never certain; "100 %" on a radiograph reads as if it were. The SR's NUM items keep
-two decimals (:func:`percent_value`): they are for machines, and the text shows the rule.
+a value that would round to 0 or 100 is shown as "<1 %" or ">99 %", even when a saturated
+softmax gives exactly 0 or 1. A model is never certain; "100 %" on a radiograph reads as if it
+were. The SR's NUM items keep two decimals (:func:`percent_value`): they are for machines, and
+the text shows the rule; a value read back from them (100.00 may be 0.99996 or 1.0) is worded
+the same way, so the status page agrees with the Secondary Capture.
 
 A task with an operating point (two classes, ``decision_threshold``: hip loosening) is worded
 as a decision with its probability and the point where it is called, e.g. "Present —
@@ -43,9 +45,9 @@ def percent_text(probability: float) -> str:
     percent = 100.0 * value
     # Python rounds halves to even; a reader expects 0.5 → 1 and 96.5 → 97.
     whole = math.floor(percent + 0.5)
-    if whole >= 100 and value < 1.0:
+    if whole >= 100:
         return ">99 %"
-    if whole <= 0 and value > 0.0:
+    if whole <= 0:
         return "<1 %"
     return f"{whole} %"
 

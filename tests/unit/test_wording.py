@@ -10,7 +10,7 @@ from dicom_node.wording import decision_text, percent_text, result_text
 @pytest.mark.parametrize(
     ("probability", "text"),
     [
-        (0.0, "0 %"),
+        (0.0, "<1 %"),  # never "0 %" or "100 %": a saturated softmax is not a certainty
         (0.004, "<1 %"),
         (0.005, "1 %"),  # halves round up, not to even
         (0.125, "13 %"),
@@ -18,7 +18,7 @@ from dicom_node.wording import decision_text, percent_text, result_text
         (0.965, "97 %"),
         (0.9949, "99 %"),
         (0.9981, ">99 %"),  # the SC said "100 %" where the SR said 99.81 %
-        (1.0, "100 %"),
+        (1.0, ">99 %"),
     ],
 )
 def test_percent_text(probability: float, text: str) -> None:
