@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import logging
 import tempfile
 import time
@@ -48,6 +49,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from dicom_node.problems import BAD_INPUT, LIMIT
 from dicom_node.receive.ingest import (
     CANNOT_UNDERSTAND,
     Ingest,
@@ -64,6 +66,9 @@ __all__ = ["StowRs"]
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
+#: Whole-request refusals recorded as problems (400 malformed, 408 stalled, 413 too large, 415
+#: wrong type); 401/403 are who may store (the audit trail has them), 503 the spool's trouble.
+_RECORDED_REQUEST_REFUSALS = frozenset({400, 408, 413, 415})
 _DICOM = b"application/dicom"
 _MULTIPART = b"multipart/related"
 #: The 415's advice: what a STOW-RS request must look like (docs/conformance.md, "STOW-RS").
@@ -195,6 +200,24 @@ class StowRs:
 
     async def __call__(self, request: Request, sender: str, study: str | None) -> Response:
         address = request.client.host if request.client else ""
+        response = await self._receive(request, sender, study, address)
+        if response.status_code in _RECORDED_REQUEST_REFUSALS:
+            # A request refused as a whole never reaches Ingest per instance: it is recorded
+            # here, with the reason its client was given, for the status page's problems.
+            reason = json.loads(bytes(response.body)).get("error", "") if response.body else ""
+            kind = LIMIT if response.status_code == 413 else BAD_INPUT
+            await run_in_threadpool(
+                self._ingest.note,
+                Source("STOW-RS", sender, address),
+                kind,
+                f"request refused: {reason}"[:500],
+                f"HTTP {response.status_code}",
+            )
+        return response
+
+    async def _receive(
+        self, request: Request, sender: str, study: str | None, address: str
+    ) -> Response:
         if study is not None and not UID(study).is_valid:
             return _error(400, "the Study Instance UID in the path is not a valid UID")
         kind, params = parse_options_header(request.headers.get("content-type", ""))
@@ -331,6 +354,8 @@ class StowRs:
                     source,
                     SOP_CLASS_NOT_SUPPORTED,
                     f"SOP class {loggable_uid(sop_class)} is not projection radiography",
+                    study_instance_uid=loggable_uid(dataset.get("StudyInstanceUID")),
+                    series_instance_uid=loggable_uid(dataset.get("SeriesInstanceUID")),
                     **named,
                 )
                 return outcome, sop_class

@@ -204,16 +204,17 @@ class Ingest:
         )
         return Outcome(status, reason, sop_instance_uid, uids.get("study_instance_uid", ""))
 
-    def note(self, source: Source, kind: str, reason: str, status: int) -> None:
+    def note(self, source: Source, kind: str, reason: str, status: int | str) -> None:
         """Record a problem that is not one instance's answer (e.g. an association whose SOP
         classes the node does not take, so nothing could be sent): no UID, no audit line of
-        its own (the association's audit line says who it was)."""
+        its own (the association's audit line says who it was). ``status``: a DICOM status,
+        or a text such as "HTTP 415" for a STOW-RS request refused as a whole."""
         self._record(source, status, reason, kind, {})
 
     def _record(
         self,
         source: Source,
-        status: int,
+        status: int | str,
         reason: str,
         kind: str | None,
         uids: dict[str, str],
@@ -226,13 +227,19 @@ class Ingest:
             return value if digits and UID(value).is_valid else ""
 
         try:
+            if isinstance(status, str):
+                code = status
+                kind = kind or BAD_INPUT
+            else:
+                code = f"0x{status:04X}"
+                kind = kind or refusal_kind(status, reason)
             self._problems.record_problem(
-                kind or refusal_kind(status, reason),
+                kind,
                 reason,
                 protocol=source.protocol,
                 peer=source.calling_ae.strip(),
                 address=source.address,
-                status=f"0x{status:04X}",
+                status=code,
                 study_instance_uid=valid(uids.get("study_instance_uid", "")),
                 series_instance_uid=valid(uids.get("series", "")),
                 sop_instance_uid=valid(uids.get("sop_instance_uid", "")),

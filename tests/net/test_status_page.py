@@ -24,7 +24,8 @@ import pydicom
 import pytest
 import requests
 from PIL import Image
-from pydicom.uid import CTImageStorage, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE
 
 from dicom_node.config import Config
 from dicom_node.service import Service
@@ -132,6 +133,21 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             timeout=30,
         )
         assert answer.status_code == 409, answer.text
+        # A CT over C-STORE never reaches a handler (refused at negotiation) ...
+        scanner = AE(ae_title="CTSCANNER")
+        scanner.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assert not scanner.associate("127.0.0.1", port, ae_title="ORTHONODE").is_established
+        # ... and a STOW-RS request of the wrong type is refused as a whole (415).
+        wrong = requests.post(
+            site.base + "/dicomweb/studies",
+            data=buffer.getvalue(),
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Authorization": f"Bearer {TOKEN}",
+            },
+            timeout=30,
+        )
+        assert wrong.status_code == 415, wrong.text
         study = knee[0].StudyInstanceUID
         wait_for(
             lambda: len(site.service.spool.dead_letters()) == 3 and len(site.pacs.received) == 3,
@@ -204,12 +220,27 @@ def test_filters_paging_and_the_json_api(site: dict[str, Any]) -> None:
 def test_problems_view_has_each_refusal_with_its_reason(site: dict[str, Any]) -> None:
     node: Site = site["site"]
     view = node.get("/api/problems").json()
-    by_kind = {p["kind"]: p for p in view["problems"]}
-    assert set(by_kind) == {"unrouted", "bad-pixel-data", "not-radiograph"}
-    unrouted = by_kind["unrouted"]
+    by_kind = {(p["kind"], p["protocol"]): p for p in view["problems"]}
+    assert set(by_kind) == {
+        ("unrouted", ""),  # found by the router, not at ingress
+        ("bad-pixel-data", "C-STORE"),
+        ("not-radiograph", "STOW-RS"),
+        ("not-radiograph", "C-STORE"),
+        ("bad-input", "STOW-RS"),
+    }
+    assert len(view["problems"]) == 5
+    # The CT offered over C-STORE: the association is the record, with the class it proposed.
+    scanner = by_kind["not-radiograph", "C-STORE"]
+    assert (scanner["peer"], scanner["status"]) == ("CTSCANNER", "0x0122")
+    assert "CT Image Storage" in scanner["reason"]
+    # The STOW-RS request of the wrong type, with what its client was told.
+    refused = by_kind["bad-input", "STOW-RS"]
+    assert (refused["peer"], refused["status"]) == ("admin", "HTTP 415")
+    assert "application/octet-stream is not supported" in refused["reason"]
+    unrouted = by_kind["unrouted", ""]
     assert unrouted["study_instance_uid"] == site["chest"].StudyInstanceUID
     assert unrouted["peer"] == "MODALITY" and "no routing rule matched" in unrouted["reason"]
-    pixels = by_kind["bad-pixel-data"]
+    pixels = by_kind["bad-pixel-data", "C-STORE"]
     assert (pixels["reason"], pixels["status"], pixels["protocol"]) == (
         "no Pixel Data",
         "0xA900",
@@ -217,9 +248,10 @@ def test_problems_view_has_each_refusal_with_its_reason(site: dict[str, Any]) ->
     )
     assert pixels["sop_instance_uid"] == site["no_pixels"].SOPInstanceUID
     assert pixels["address"] == "127.0.0.1"
-    ct = by_kind["not-radiograph"]
+    ct = by_kind["not-radiograph", "STOW-RS"]
     assert (ct["peer"], ct["protocol"], ct["status"]) == ("admin", "STOW-RS", "0x0122")
     assert ct["sop_instance_uid"] == site["ct"].SOPInstanceUID
+    assert ct["study_instance_uid"] == site["ct"].StudyInstanceUID
     assert view["counts"]["dead-letter"] == 3 and view["counts"]["failed"] == 0
     page = node.get("/problems").text
     assert "no Pixel Data" in page and "not projection radiography" in page
