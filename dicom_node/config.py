@@ -32,6 +32,7 @@ __all__ = [
     "HttpConfig",
     "InferenceConfig",
     "NodeConfig",
+    "OutputsConfig",
     "PeerConfig",
     "RoutingRule",
     "SendConfig",
@@ -111,10 +112,15 @@ class TlsConfig(_Model):
 class DestinationConfig(_Model):
     """Where results are sent: a C-STORE SCP (``type: dimse``, the default) or a DICOMweb
     STOW-RS service (``type: dicomweb``). Secrets (a bearer token, a password) are read from a
-    file or an environment variable, never written in conf.yaml."""
+    file or an environment variable, never written in conf.yaml.
 
-    type: Literal["dimse", "dicomweb"] = Field(
-        default="dimse", description="dimse: C-STORE; dicomweb: STOW-RS"
+    The types, and what a destination of each needs, come from the registry of destination
+    types (:mod:`dicom_node.send.transport`), the one place a type is added: ``type`` is checked
+    against it and the type's own check validates the rest."""
+
+    type: str = Field(
+        default="dimse",
+        description="dimse: C-STORE; dicomweb: STOW-RS; or another registered type",
     )
     name: str = Field(default="", description="a name for logs and metrics")
     ae_title: str | None = Field(default=None, description="dimse: the destination's AE title")
@@ -145,32 +151,22 @@ class DestinationConfig(_Model):
     def _ae(cls, value: str | None) -> str | None:
         return None if value is None else _check_ae_title(value)
 
+    @field_validator("type")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        # Imported here, not at the top: dicom_node.send imports this module.
+        from dicom_node.send.transport import destination_type
+
+        destination_type(value)  # ValueError listing the registered types
+        return value
+
     @model_validator(mode="after")
     def _complete(self) -> DestinationConfig:
         if self.tls is not None and self.tls.require_client_certificate:
             raise ValueError("tls.require_client_certificate is a node setting")
-        if self.type == "dimse":
-            if self.ae_title is None or self.host is None:
-                raise ValueError("a dimse destination needs ae_title and host (and port)")
-            if self.url is not None:
-                raise ValueError("url is for type: dicomweb destinations")
-        else:
-            if self.url and re.match(r"^https?://[^/]*@", self.url):
-                raise ValueError(
-                    "url: no user or password in the URL (they would show in logs and on the "
-                    "status page); use username + password_env, or token_file / token_env"
-                )
-            if not self.url or not re.match(r"^https?://[^/\s]+", self.url):
-                raise ValueError(
-                    "a dicomweb destination needs url: http(s)://host[:port]/path "
-                    "(e.g. http://orthanc:8042/dicom-web)"
-                )
-            if self.token_file is not None and self.token_env is not None:
-                raise ValueError("give token_file or token_env, not both")
-            if (self.token_file or self.token_env) and self.username:
-                raise ValueError("give a bearer token or a username, not both")
-            if self.password_env and not self.username:
-                raise ValueError("password_env needs username")
+        from dicom_node.send.transport import destination_type
+
+        destination_type(self.type).check(self)  # dimse: scu.py, dicomweb: stow.py
         return self
 
     @property
@@ -325,6 +321,15 @@ class RoutingConfig(_Model):
         return data
 
 
+#: Why ``outputs.saliency`` offers no Parametric Map (docs/operations.md says the same).
+_PARAMETRIC_MAP_REFUSED = (
+    "parametric-map is not offered: OHIF 3.13.2 does not display a Parametric Map of a single "
+    "2D image ('Referenced Volume is missing for the PMAP, and stack viewport PMAP is not "
+    "supported yet') and highdicom 0.28 cannot build one for a radiograph without a Frame of "
+    "Reference; use sc, segmentation or both"
+)
+
+
 class OutputsConfig(_Model):
     """What the node sends back."""
 
@@ -332,6 +337,24 @@ class OutputsConfig(_Model):
         default="report",
         description="report: an SR that says 'not applicable' and why; skip: nothing",
     )
+    saliency: Literal["sc", "segmentation", "both"] = Field(
+        default="sc",
+        description="the saliency of each analysed image as a Secondary Capture (sc: the "
+        "heatmap burned into a copy of the image, every viewer shows it), a DICOM Segmentation "
+        "of its high-saliency region (segmentation: an overlay a viewer draws over the image), "
+        "or both",
+    )
+
+    @field_validator("saliency", mode="before")
+    @classmethod
+    def _no_parametric_map(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower().replace("_", "-") in (
+            "parametric-map",
+            "parametricmap",
+            "pmap",
+        ):
+            raise ValueError(_PARAMETRIC_MAP_REFUSED)
+        return value
 
 
 class InferenceConfig(_Model):

@@ -245,3 +245,4 @@ class Outputs:
     task: str
     structured_report: Path
     secondary_captures: tuple[Path, ...]
+    segmentations: tuple[Path, ...] = ()  # outputs.saliency: segmentation or both

@@ -8,6 +8,9 @@ study that fails (the batch is retried one study at a time) and marking it faile
 predictor, the encoders and the spool are passed in, so a test can swap any stage. Output UIDs
 are derived from (study, task, version, model version), so re-running a job after a crash
 produces the same objects, not duplicates.
+
+The saliency of each analysed view goes out as a Secondary Capture, a Segmentation, or both
+(``saliency``, conf.yaml's ``outputs.saliency``); the SR lists whichever were made as evidence.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydicom.dataset import Dataset
 
@@ -35,6 +39,14 @@ log = logging.getLogger(__name__)
 _NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/orthonode/outputs")
 SR_SERIES_NUMBER = 9001
 SC_SERIES_NUMBER = 9002
+SEG_SERIES_NUMBER = 9020
+#: What ``Pipeline.saliency`` may be: which objects carry each view's saliency.
+Saliency = Literal["sc", "segmentation", "both"]
+_SALIENCY_OUTPUTS: Mapping[str, tuple[bool, bool]] = {  # (Secondary Capture, Segmentation)
+    "sc": (True, False),
+    "segmentation": (False, True),
+    "both": (True, True),
+}
 
 
 def output_uid(*parts: object) -> str:
@@ -63,6 +75,14 @@ class Pipeline:
     # An image not answered on: (task, reason); a metric.
     on_not_applicable: Callable[[str, str], None] | None = None
     when_not_applicable: str = "report"  # or "skip": no output for a study not applicable
+    saliency: Saliency = "sc"  # each view's saliency as an SC, a Segmentation, or both
+    build_segmentation: Callable[..., Dataset] | None = None  # needed unless saliency is "sc"
+
+    def __post_init__(self) -> None:
+        if self.saliency not in _SALIENCY_OUTPUTS:
+            raise ValueError(f"saliency is one of {list(_SALIENCY_OUTPUTS)}, not {self.saliency!r}")
+        if _SALIENCY_OUTPUTS[self.saliency][1] and self.build_segmentation is None:
+            raise ValueError(f"saliency {self.saliency!r} needs build_segmentation")
 
     def process(self, jobs: Sequence[StudyJob]) -> list[Outputs]:
         """Run claimed jobs as one batch; on an error, one by one, marking the failures.
@@ -155,7 +175,8 @@ class Pipeline:
                     study_instance_uid=job.study_instance_uid,
                     task=job.task,
                     structured_report=paths[0],
-                    secondary_captures=tuple(paths[1:]),
+                    secondary_captures=tuple(p for p in paths[1:] if _is_capture(job, p)),
+                    segmentations=tuple(p for p in paths[1:] if not _is_capture(job, p)),
                 )
             )
         return outputs
@@ -163,11 +184,12 @@ class Pipeline:
     def _encode_and_queue(
         self, job: StudyJob, prediction: Prediction, views: Sequence[PreparedView]
     ) -> list[Path] | None:
-        """Explain each analysed view, build and write its Secondary Capture, build and write
-        the SR (which also lists the views not applicable, and why), then queue them all and
-        mark the study done in one transaction. Returns the paths, SR first (empty: a study not
-        applicable with ``when_not_applicable: skip``); None when a newer version superseded
-        the job (nothing is queued).
+        """Explain each analysed view, build and write its Secondary Capture and/or its
+        Segmentation (``saliency``), build and write the SR (which lists them as evidence, and
+        the views not applicable, and why), then queue them all and mark the study done in one
+        transaction. Returns the paths: the SR, then the SCs, then the Segmentations (empty: a
+        study not applicable with ``when_not_applicable: skip``); None when a newer version
+        superseded the job (nothing is queued).
 
         Queuing each SC as soon as it was written, so that it travels while the SR is made,
         was measured and dropped: on 2 cores the sender then competes with encoding for the
@@ -185,38 +207,65 @@ class Pipeline:
         # the hanging protocol) when the views came as separate series, and one stack when
         # they came as one. One series for every view made OHIF play AP and LAT as a
         # two-image cine stack behind a single thumbnail, where the LAT is easily missed.
+        # The Segmentations follow the sources' series in the same way.
         source_series = list(dict.fromkeys(v.view.instance.series_instance_uid for v in analysed))
+        with_sc, with_seg = _SALIENCY_OUTPUTS[self.saliency]
         in_series: dict[str, int] = {}
         secondary: list[Dataset] = []
+        segmentations: list[Dataset] = []
         explanations: list[Explanation] = []
         paths: list[Path] = []
+        segmentation_paths: list[Path] = []
         for number, view in enumerate(analysed, start=1):
             explanation = self.predictor.explain(view, prediction.predicted_index)
             explanations.append(explanation)
             series = view.view.instance.series_instance_uid
             in_series[series] = in_series.get(series, 0) + 1
-            started = time.perf_counter()
-            capture = self.build_secondary_capture(
-                view.dataset,
-                view.display,
-                explanation,
-                prediction,
-                spec=spec,
-                version=job.version,
-                series_number=SC_SERIES_NUMBER + source_series.index(series),
-                instance_number=in_series[series],
-                instance_uid=output_uid(*key, "sc", view.view.instance.sop_instance_uid),
-                series_uid=output_uid(*key, "sc-series", series),
-                now=now,
-            )
-            paths.append(self._write(job, capture, f"sc{number}"))
-            self.observe("encode", time.perf_counter() - started)
-            secondary.append(capture)
+            source_uid = view.view.instance.sop_instance_uid
+            common = {
+                "spec": spec,
+                "version": job.version,
+                "instance_number": in_series[series],
+                "now": now,
+            }
+            if with_sc:
+                started = time.perf_counter()
+                capture = self.build_secondary_capture(
+                    view.dataset,
+                    view.display,
+                    explanation,
+                    prediction,
+                    series_number=SC_SERIES_NUMBER + source_series.index(series),
+                    instance_uid=output_uid(*key, "sc", source_uid),
+                    series_uid=output_uid(*key, "sc-series", series),
+                    **common,
+                )
+                paths.append(self._write(job, capture, f"sc{number}"))
+                self.observe("encode", time.perf_counter() - started)
+                secondary.append(capture)
+            if with_seg:
+                assert self.build_segmentation is not None  # __post_init__ refuses otherwise
+                started = time.perf_counter()
+                segmentation = self.build_segmentation(
+                    view.dataset,
+                    explanation,
+                    prediction,
+                    series_number=SEG_SERIES_NUMBER + source_series.index(series),
+                    instance_uid=output_uid(*key, "seg", source_uid),
+                    series_uid=output_uid(*key, "seg-series", series),
+                    **common,
+                )
+                segmentation_paths.append(self._write(job, segmentation, f"seg{number}"))
+                self.observe("encode", time.perf_counter() - started)
+                segmentations.append(segmentation)
+        paths += segmentation_paths
         started = time.perf_counter()
+        # The SR lists every derived object as evidence with the sources (its parameter is
+        # named for the SCs, which were the only ones).
         report = self.build_structured_report(
             prediction,
             [v.dataset for v in analysed],
-            secondary,
+            [*secondary, *segmentations],
             excluded_sources=[v.dataset for v in excluded],
             explanations=explanations,
             spec=spec,
@@ -239,11 +288,20 @@ class Pipeline:
             self.on_queued()
 
     def _write(self, job: StudyJob, ds: Dataset, kind: str) -> Path:
-        path = self.spool.output_path(
-            job.study_instance_uid, f"{job.task}-v{job.version}-{kind}.dcm"
-        )
+        path = self.spool.output_path(job.study_instance_uid, _output_name(job, kind))
         try:
             ds.save_as(path, enforce_file_format=True)
         except (OSError, ValueError) as error:
             raise DicomNodeError(f"cannot write output {path.name}: {error}") from error
         return path
+
+
+def _output_name(job: StudyJob, kind: str) -> str:
+    """The file name of one of a job's outputs: kind "sr", "sc1", "sc2"..., "seg1"..."""
+    return f"{job.task}-v{job.version}-{kind}.dcm"
+
+
+def _is_capture(job: StudyJob, path: Path) -> bool:
+    """Whether ``path`` is one of the job's Secondary Captures ("sc1", "sc2"...)."""
+    prefix = Path(_output_name(job, "sc")).stem
+    return path.stem.startswith(prefix) and path.stem[len(prefix) :].isdigit()

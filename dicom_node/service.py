@@ -75,7 +75,11 @@ class Service:
     _reloading: threading.Lock = field(default_factory=threading.Lock)
 
     def start(self) -> None:
-        from dicom_node.encode import build_secondary_capture, build_structured_report
+        from dicom_node.encode import (
+            build_secondary_capture,
+            build_segmentation,
+            build_structured_report,
+        )
 
         config = self.config
         self.device = device = select_device(config.inference.device)
@@ -117,6 +121,8 @@ class Service:
                 task=task, reason=reason
             ).inc(),
             when_not_applicable=config.outputs.when_not_applicable,
+            saliency=config.outputs.saliency,
+            build_segmentation=build_segmentation,
         )
         self.sender = Sender(
             self.spool,

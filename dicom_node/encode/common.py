@@ -42,6 +42,7 @@ from dicom_node.tasks import Code, TaskSpec
 from dicom_node.wording import result_text
 
 __all__ = [
+    "LATERALITY",
     "NOT_APPLICABLE",
     "NOT_APPLICABLE_REASON",
     "NOT_APPLICABLE_REASON_CODES",
@@ -56,6 +57,7 @@ __all__ = [
     "patient_study_header",
     "pin_contribution_time",
     "result_phrase",
+    "saliency_method",
     "saliency_peak",
     "series_description",
     "supersede_statement",
@@ -295,3 +297,21 @@ def saliency_peak(heatmap: np.ndarray) -> tuple[int, int]:
         raise EncodeError(f"a heatmap is a non-empty 2-D array, not of shape {heat.shape}")
     row, column = np.unravel_index(int(np.argmax(heat)), heat.shape)
     return int(row), int(column)
+
+
+#: The side of a finding as SNOMED CT codes it (SR finding sites, the SEG's anatomic region).
+LATERALITY: Mapping[str, hd.sr.CodedConcept] = MappingProxyType(
+    {
+        "R": hd.sr.CodedConcept("24028007", "SCT", "Right"),
+        "L": hd.sr.CodedConcept("7771000", "SCT", "Left"),
+    }
+)
+
+
+def saliency_method(method: str) -> hd.sr.CodedConcept:
+    """The saliency method as DICOM codes it (the SR's peak groups, the SEG's segment type):
+    Grad-CAM is "Gradient-weighted class activation" (130403, DCM); other methods are
+    "Saliency" (130404, DCM)."""
+    if method.lower().replace("-", "") == "gradcam":
+        return hd.sr.CodedConcept.from_code(codes.DCM.GradientWeightedClassActivation)
+    return hd.sr.CodedConcept.from_code(codes.DCM.Saliency)

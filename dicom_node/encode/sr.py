@@ -78,6 +78,7 @@ from dicom_node.domain import (
     decide,
 )
 from dicom_node.encode.common import (
+    LATERALITY,
     NOT_APPLICABLE,
     NOT_APPLICABLE_REASON,
     NOT_APPLICABLE_REASON_CODES,
@@ -92,6 +93,7 @@ from dicom_node.encode.common import (
     patient_study_header,
     pin_contribution_time,
     result_phrase,
+    saliency_method,
     saliency_peak,
     series_description,
     supersede_statement,
@@ -107,10 +109,6 @@ log = logging.getLogger(__name__)
 _CODE_VALUE_MAX = 16  # longer values become LongCodeValue, which viewers ignore
 _CODE_MEANING_MAX = 64
 
-_LATERALITY = {
-    "R": hd.sr.CodedConcept("24028007", "SCT", "Right"),
-    "L": hd.sr.CodedConcept("7771000", "SCT", "Left"),
-}
 # Modalities for which highdicom adds the projection radiography descriptors (TID 1603).
 _PROJECTION = ("CR", "DX", "IO", "MG", "PX", "RF", "RG", "XA")
 _IMAGING_PROCEDURE = hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure")
@@ -239,7 +237,7 @@ def build_structured_report(
                     tracking_uid=_tracking_uid(instance_uid, f"peak {index}"),
                     laterality=sides[index],
                     region=_peak(source, explanation),
-                    method=_saliency_method(explanation.method),
+                    method=saliency_method(explanation.method),
                     evaluation=False,
                 )
             )
@@ -419,7 +417,7 @@ def _group(
     """
     # The study-level group has a side only when every image it combines shows the same one.
     sides = set(lateralities)
-    side = _LATERALITY.get(sides.pop() or "") if len(sides) == 1 else None
+    side = LATERALITY.get(sides.pop() or "") if len(sides) == 1 else None
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier),
         finding_type=_concept(spec.finding),
@@ -459,7 +457,7 @@ def _image_group(
     that point). The saliency-peak group (``evaluation`` False) repeats that first NUM as its
     label and makes no call of its own; it has no finding site (see below).
     """
-    side = _LATERALITY.get(laterality or "")
+    side = LATERALITY.get(laterality or "")
     measurements = _measurements(prediction, probabilities)
     group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=identifier),
@@ -572,14 +570,6 @@ def _peak(source: Dataset, explanation: Explanation) -> hd.sr.ImageRegion:
         graphic_data=np.array([[column + 0.5, row + 0.5]], dtype=np.float64),
         source_image=hd.sr.SourceImageForRegion.from_source_image(source),
     )
-
-
-def _saliency_method(method: str) -> hd.sr.CodedConcept:
-    """Grad-CAM is "Gradient-weighted class activation" (130403, DCM); other methods are
-    "Saliency" (130404, DCM)."""
-    if method.lower().replace("-", "") == "gradcam":
-        return hd.sr.CodedConcept.from_code(codes.DCM.GradientWeightedClassActivation)
-    return hd.sr.CodedConcept.from_code(codes.DCM.Saliency)
 
 
 def _empty_root(root: Dataset) -> hd.sr.ContainerContentItem:

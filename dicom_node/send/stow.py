@@ -1,9 +1,9 @@
-"""STOW-RS egress (PS3.18 10.5): a ``type: dicomweb`` destination's transport for the outbox.
+"""STOW-RS client (PS3.18 10.5): the transport of a ``type: dicomweb`` destination.
 
 The outputs of one send go in one ``POST {url}/studies`` request, ``multipart/related;
 type="application/dicom"``, each part the output file as it is on disk (streamed from the file,
-never decoded and re-encoded). What the service answers decides each instance's fate, as
-:func:`dicom_node.send.scu.classify` does for C-STORE statuses:
+never decoded and re-encoded). What the service answers decides each instance's fate, by the
+rules of :mod:`dicom_node.send.failures` (the same DIMSE statuses as C-STORE's):
 
 * 200: every instance stored (unless its DICOM JSON body lists some in FailedSOPSequence);
 * 200, 202 or 409 with a DICOM JSON body: instances in ReferencedSOPSequence are sent; those in
@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -35,19 +36,47 @@ import requests
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 
-from dicom_node.config import DestinationConfig
-from dicom_node.send.scu import Failure, classify
+from dicom_node.config import DestinationConfig, SendConfig
+from dicom_node.send.failures import Failure, classify_failure_reason, classify_http, unreadable
+from dicom_node.send.transport import DestinationType, OnEach, Results, register
 
-__all__ = ["CredentialError", "credentials", "stow_files"]
+__all__ = [
+    "DICOMWEB",
+    "CredentialError",
+    "StowTransport",
+    "check_destination",
+    "credentials",
+    "stow_files",
+]
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 20
-_RETRIED_HTTP = {401, 403, 408, 425, 429}
 
 
 class CredentialError(Exception):
     """A destination's secret cannot be read (its file or environment variable)."""
+
+
+def check_destination(destination: DestinationConfig) -> None:
+    """What a dicomweb destination needs (run by the config's validation)."""
+    url = destination.url
+    if url and re.match(r"^https?://[^/]*@", url):
+        raise ValueError(
+            "url: no user or password in the URL (they would show in logs and on the "
+            "status page); use username + password_env, or token_file / token_env"
+        )
+    if not url or not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(
+            "a dicomweb destination needs url: http(s)://host[:port]/path "
+            "(e.g. http://orthanc:8042/dicom-web)"
+        )
+    if destination.token_file is not None and destination.token_env is not None:
+        raise ValueError("give token_file or token_env, not both")
+    if (destination.token_file or destination.token_env) and destination.username:
+        raise ValueError("give a bearer token or a username, not both")
+    if destination.password_env and not destination.username:
+        raise ValueError("password_env needs username")
 
 
 def credentials(destination: DestinationConfig) -> dict[str, Any]:
@@ -144,16 +173,16 @@ def stow_files(
     paths: Sequence[Path],
     calling_ae_title: str = "",
     timeout_s: float | None = None,
-) -> dict[Path, str | None]:
+) -> Results:
     """POST ``paths`` to the destination in one STOW-RS request; path → None (stored) or a
-    :class:`~dicom_node.send.scu.Failure` (``permanent`` when it is not worth retrying)."""
-    results: dict[Path, str | None] = {}
+    :class:`~dicom_node.send.failures.Failure` (``permanent`` when it is not worth retrying)."""
+    results: Results = {}
     uids: dict[str, Path] = {}
     for path in paths:
         try:
             uids[str(read_file_meta_info(path).MediaStorageSOPInstanceUID)] = path
         except Exception as error:  # a damaged output file: it will never go
-            results[path] = Failure(f"cannot read {path.name}: {type(error).__name__}", True)
+            results[path] = unreadable(path, error)
     sending = list(uids.values())
     if not sending:
         return results
@@ -196,34 +225,35 @@ def stow_files(
             if failed is None:
                 continue
             reason = int(item.get("FailureReason") or 0x0110)  # no value: processing failure
-            verdict = classify(reason)
-            results[failed] = (
-                None
-                if verdict is None
-                else Failure(
-                    f"HTTP {code}: the service refused it, FailureReason 0x{reason:04X}",
-                    verdict.permanent,
-                )
-            )
+            results[failed] = classify_failure_reason(code, reason)
         for path in sending:  # not listed: a 200 stored it; after a 202 / 409, who knows
             results.setdefault(
                 path, None if code == 200 else Failure(f"HTTP {code}: the answer does not list it")
             )
         return results
-    if code == 202:
-        # Some instances failed, and the answer does not say which: send them all again (the
-        # service keeps one copy per SOP Instance UID).
-        failure = Failure("HTTP 202 without a DICOM JSON answer: which instances failed is unknown")
-        return {**results, **dict.fromkeys(sending, failure)}
-    permanent = code < 500 and code not in _RETRIED_HTTP
-    why = {401: " (credentials refused)", 403: " (forbidden)", 503: " (busy)"}.get(code, "")
-    return {
-        **results,
-        **dict.fromkeys(sending, Failure(f"HTTP {code}{why} from {url}", permanent)),
-    }
+    return {**results, **dict.fromkeys(sending, classify_http(code, url))}
 
 
 def _short(error: BaseException) -> str:
     """An exception's message, without the long chains requests builds (one line)."""
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
     return text[:300]
+
+
+class StowTransport:
+    """:class:`~dicom_node.send.transport.Transport` of a dicomweb destination: each send is one
+    STOW-RS request, with the destination's ``timeout_s``; its answer covers all the outputs at
+    once, so the results come back together."""
+
+    def __init__(
+        self, destination: DestinationConfig, policy: SendConfig, calling_ae_title: str
+    ) -> None:
+        self.destination = destination
+        self.calling_ae_title = calling_ae_title
+
+    def send(self, paths: Sequence[Path], on_each: OnEach | None = None) -> Results:
+        """POST ``paths`` in one request (:func:`stow_files`)."""
+        return stow_files(self.destination, paths, self.calling_ae_title)
+
+
+DICOMWEB = register(DestinationType("dicomweb", open=StowTransport, check=check_destination))

@@ -33,8 +33,17 @@ SCOORD, such as a study-level group: the test fails at once with OHIF's message.
 adds the SR's annotations without drawing them until the viewport renders again; the test then
 resizes the window by a few pixels (see :class:`_Nudge`).
 
+The saliency Segmentation: a second node, configured with ``outputs.saliency: both``, analyses
+another knee study and sends its SR, SCs and SEGs to the same Orthanc. OHIF 3.13.2 lists each
+SEG as its own thumbnail (modality SEG) and does not offer it as an overlay of a single
+radiograph (not reconstructable); a double-click on the AP's SEG thumbnail opens it, OHIF asks
+"Do you want to open this Segmentation?", and the test answers Yes. It checks that the
+labelmap is drawn over the radiograph (pixels in warm, saturated colours that the viewport
+did not have before) where the SEG's region is on the image.
+
 Screenshots go to ``test-artifacts/`` (or ``$ORTHONODE_TEST_ARTIFACTS``): ``ohif-<task>.png``
-with the SR loaded, ``ohif-<task>-image.png`` before it.
+with the SR loaded, ``ohif-<task>-image.png`` before it; ``ohif-knee-seg.png`` with the SEG
+open, ``ohif-knee-seg-image.png`` before it.
 """
 
 from __future__ import annotations
@@ -119,24 +128,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("ohif")
     node_port = free_port()
     orthanc = Orthanc(root, node_port)
-    config = {
-        "node": {"ae_title": "ORTHONODE", "port": node_port, "http_port": free_port()},
-        "destinations": [
-            {
-                "name": "orthanc",
-                "ae_title": "ORTHANC",
-                "host": "127.0.0.1",
-                "port": orthanc.dicom_port,
-            }
-        ],
-        "spool": {"directory": str(root / "spool"), "min_free_mb": 10},
-        "assembly": {"stable_after_s": 2},
-        "tasks": {t: {"bundle": str(ROOT / "weights" / t)} for t in ("knee", "hip", "spine")},
-        "routing": {"image_check_bundle": str(ROOT / "weights" / "image-check")},
-        "send": {"backoff_initial_s": 1, "max_attempts": 5},
-    }
     try:
-        node = Node(root, config)
+        node = Node(root, _node_config(root, node_port, orthanc))
     except BaseException:
         orthanc.stop()
         raise
@@ -150,6 +143,27 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         code = node.stop()
         orthanc.stop()
     assert code == 0, (root / "node.log").read_text()[-3000:]
+
+
+def _node_config(root: Path, port: int, orthanc: Orthanc, **outputs: str) -> dict[str, Any]:
+    """conf.yaml of a node on ``port`` that sends its results to ``orthanc``."""
+    return {
+        "node": {"ae_title": "ORTHONODE", "port": port, "http_port": free_port()},
+        "destinations": [
+            {
+                "name": "orthanc",
+                "ae_title": "ORTHANC",
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+            }
+        ],
+        "spool": {"directory": str(root / "spool"), "min_free_mb": 10},
+        "assembly": {"stable_after_s": 2},
+        "tasks": {t: {"bundle": str(ROOT / "weights" / t)} for t in ("knee", "hip", "spine")},
+        "routing": {"image_check_bundle": str(ROOT / "weights" / "image-check")},
+        "outputs": outputs,
+        "send": {"backoff_initial_s": 1, "max_attempts": 5},
+    }
 
 
 def _analyse(stack: Stack, folder: Path) -> None:
@@ -464,6 +478,198 @@ def test_ohif_draws_the_sr_on_its_image(stack: Stack, browser: Any, task: str) -
     assert not missing, (missing, uids, labels)
     assert polylines >= sum(r.graphic_type == "POLYLINE" for r in study.shown), polylines
     assert "SR" in _pane(browser).text.split(), "the viewport is not OHIF's SR viewport"
+
+
+@dataclass
+class SegStudy:
+    """The knee study a second node (``outputs.saliency: both``) analysed: its SR, and the
+    headers of its Segmentations as Orthanc holds them."""
+
+    uid: str
+    sr: pydicom.Dataset = field(repr=False)
+    segmentations: list[pydicom.Dataset] = field(repr=False)
+
+
+@pytest.fixture(scope="module")
+def seg_study(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[SegStudy]:
+    """A knee study (another phantom patient than the SR tests' knee) sent by Orthanc to a
+    second node, configured with ``outputs.saliency: both``, which sends its SR, SCs and
+    Segmentations back to the same Orthanc."""
+    root = tmp_path_factory.mktemp("ohif-seg")
+    port = free_port()
+    node = Node(root, _node_config(root, port, stack.orthanc, saliency="both"))
+    try:
+        modality = {"AET": "ORTHONODE", "Host": "127.0.0.1", "Port": port}
+        request = urllib.request.Request(
+            stack.orthanc.url("/modalities/orthonode-seg"),
+            data=json.dumps(modality).encode(),
+            method="PUT",
+        )
+        urllib.request.urlopen(request, timeout=30).close()
+        phantoms = make_set(
+            root, "knee", task="knee", patients=1, seed=SEEDS["knee"], first_patient=1,
+            rows=1024, cols=1024,
+        )  # fmt: skip
+        rows = manifest_rows(phantoms)
+        for row in rows:
+            _post(stack.orthanc.url("/instances"), (phantoms / row["path"]).read_bytes())
+        uid = rows[0]["study_instance_uid"]
+        assert uid not in {s.uid for s in stack.studies.values()}
+        [found] = _post(stack.orthanc.url("/tools/lookup"), uid.encode())
+        _post(stack.orthanc.url("/modalities/orthonode-seg/store"), found["ID"].encode())
+        wanted = 3 * len(rows) + 1  # the radiographs, an SC and a SEG each, one SR
+        instances = wait_for(
+            functools.partial(_arrived, stack.orthanc, uid, wanted),
+            240,
+            f"the knee SR, {len(rows)} SC and {len(rows)} SEG in Orthanc",
+        )
+        headers: list[pydicom.Dataset] = [
+            pydicom.dcmread(io.BytesIO(stack.orthanc.get_bytes(f"/instances/{i['ID']}/file")))
+            for i in instances
+        ]
+        [sr] = [ds for ds in headers if ds.Modality == "SR"]
+        segmentations = sorted(
+            (ds for ds in headers if ds.Modality == "SEG"), key=lambda ds: int(ds.SeriesNumber)
+        )
+        yield SegStudy(uid, sr, segmentations)
+    finally:
+        code = node.stop()
+    assert code == 0, (root / "node.log").read_text()[-3000:]
+
+
+def _labelmap_mask(pixels: np.ndarray) -> np.ndarray:
+    """Where the pixels are in a labelmap's colours: warm and saturated (red well above blue,
+    as the SEG's segment colour, orange-red, and OHIF's own first segment colour, red, are
+    once blended over a grey radiograph). A grey radiograph, OHIF's white text and its blue
+    active viewport border have none."""
+    red, green, blue = (pixels[..., i].astype(int) for i in range(3))
+    return np.asarray((red - blue > 60) & (red - green > 30))
+
+
+def _labelmap_pixels(pixels: np.ndarray) -> int:
+    return int(_labelmap_mask(pixels).sum())
+
+
+def _centre(mask: np.ndarray) -> tuple[float, float]:
+    """(row, column) of a mask's centre of mass."""
+    rows, columns = np.nonzero(mask)
+    return float(rows.mean()), float(columns.mean())
+
+
+def _image_box(pixels: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, left, bottom, right) of the radiograph in a viewport screenshot: the rows and
+    columns that are not the viewport's black background."""
+    lit = pixels.mean(axis=2) > 20
+    rows = np.nonzero(lit.mean(axis=1) > 0.3)[0]
+    columns = np.nonzero(lit.mean(axis=0) > 0.3)[0]
+    return int(rows[0]), int(columns[0]), int(rows[-1]) + 1, int(columns[-1]) + 1
+
+
+def _on_screen(pixels: np.ndarray, mask: np.ndarray) -> tuple[float, float]:
+    """Where the centre of ``mask`` (on the image's own grid) is in a screenshot of the
+    viewport that shows the whole image (OHIF fits it: one scale, centred)."""
+    top, left, bottom, right = _image_box(pixels)
+    row, column = _centre(mask)
+    return (
+        top + (row + 0.5) * (bottom - top) / mask.shape[0],
+        left + (column + 0.5) * (right - left) / mask.shape[1],
+    )
+
+
+def test_ohif_overlays_the_saliency_segmentation_on_the_radiograph(
+    stack: Stack, browser: Any, seg_study: SegStudy
+) -> None:
+    """The SEG's thumbnail, double-clicked, opens OHIF's SEG viewport on its radiograph; once
+    the prompt ("Do you want to open this Segmentation?") is answered Yes, the high-saliency
+    region is drawn over the radiograph as a coloured labelmap."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    study = seg_study
+    assert [int(ds.SeriesNumber) for ds in study.segmentations] == [9020, 9021]
+    first = study.segmentations[0]
+    # The SR lists the SEGs as its evidence, as it lists the SCs.
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for entry in study.sr.CurrentRequestedProcedureEvidenceSequence
+        for series in entry.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
+    assert {ds.SOPInstanceUID for ds in study.segmentations} <= evidence
+    browser.get_log("browser")
+    console: list[dict[str, Any]] = []
+    browser.get(f"{stack.viewer.base}/viewer?StudyInstanceUIDs={study.uid}")
+    seg_thumbnail = (
+        "//*[starts-with(@data-cy, 'study-browser-thumbnail')][@data-series='9020']"
+        "[.//*[@data-cy='series-modality-label' and normalize-space()='SEG']]"
+        f"[.//*[@data-cy='series-description-label' and "
+        f"normalize-space()={str(first.SeriesDescription)!r}]]"
+    )
+    try:
+        wait_for(lambda: browser.find_elements(By.XPATH, seg_thumbnail), LOAD_S,
+                 "the SEG in OHIF's study browser", every=0.5)  # fmt: skip
+        [before] = wait_for(
+            lambda: [p for p in [_pixels(browser)] if _shows_image(p)],
+            LOAD_S,
+            "the radiograph in the viewport",
+            every=0.5,
+        )
+    except AssertionError as error:
+        raise AssertionError(f"{error}\n{_diagnosis(browser, stack, console)}") from None
+    Image.fromarray(before).save(_artifacts() / "ohif-knee-seg-image.png")
+    assert _labelmap_pixels(before) < 50, "labelmap colours before the SEG is opened"
+
+    [thumbnail] = browser.find_elements(By.XPATH, seg_thumbnail)
+    ActionChains(browser).double_click(thumbnail).perform()
+    nudge = _Nudge(browser)
+
+    def accepted() -> bool:
+        crashed = [m for m in _errors(_console(browser, console)) if "Error Boundary" in m]
+        if crashed:
+            raise AssertionError(f"OHIF could not open the SEG: {crashed[0]}")
+        try:
+            buttons = [
+                b
+                for b in browser.find_elements(By.CSS_SELECTOR, "[data-cy=yes-hydrate-btn]")
+                if b.is_displayed()
+            ]
+            for button in buttons:
+                button.click()
+        except StaleElementReferenceException:  # re-rendered while clicked: try again
+            return False
+        return bool(buttons)
+
+    def drawn() -> list[np.ndarray]:
+        crashed = [m for m in _errors(_console(browser, console)) if "Error Boundary" in m]
+        if crashed:
+            raise AssertionError(f"OHIF could not draw the SEG: {crashed[0]}")
+        pixels = _pixels(browser)
+        if _labelmap_pixels(pixels) >= 500 and _shows_image(pixels):
+            return [pixels]
+        nudge()
+        return []
+
+    try:
+        wait_for(accepted, DRAW_S, "OHIF's prompt to open the Segmentation", every=0.5)
+        [after] = wait_for(drawn, DRAW_S, "the labelmap over the radiograph", every=0.5)
+    except AssertionError as error:
+        browser.save_screenshot(str(_artifacts() / "ohif-knee-seg.png"))
+        raise AssertionError(f"{error}\n{_diagnosis(browser, stack, console)}") from None
+    Image.fromarray(after).save(_artifacts() / "ohif-knee-seg.png")
+    if nudge.count:
+        print(f"knee SEG: OHIF drew the labelmap after {nudge.count} window resize(s)")
+    assert _labelmap_pixels(after) > 10 * _labelmap_pixels(before) + 500
+    assert not [
+        b for b in browser.find_elements(By.CSS_SELECTOR, "[data-cy=yes-hydrate-btn]")
+        if b.is_displayed()
+    ], "OHIF still asks whether to open the Segmentation"  # fmt: skip
+    # The labelmap lies where the SEG's region is on the radiograph: its centre, mapped from
+    # the SEG's pixel grid onto the image as the viewport shows it, is where OHIF drew it.
+    expected = _on_screen(before, first.pixel_array.astype(bool))
+    drawn_at = _centre(_labelmap_mask(after))
+    width = _image_box(before)[3] - _image_box(before)[1]
+    assert np.hypot(*(np.subtract(drawn_at, expected))) < 0.04 * width, (drawn_at, expected)
 
 
 def test_viewer_server_serves_the_dist_and_proxies_dicomweb(tmp_path: Path) -> None:

@@ -1,6 +1,8 @@
-"""The SR and Secondary Captures pass the external validators OUTPUTS.md names.
+"""The SR, Secondary Captures and saliency Segmentations pass the external validators OUTPUTS.md
+names.
 
-dciodvfy (SR and each SC), dcentvfy (sources + SR + SCs: one patient, one study), dsrdump (SR
+dciodvfy (SR, each SC and each SEG), dcentvfy (sources + SR + SCs + SEGs: one patient, one
+study), dsrdump (SR
 relationship rules) and pixelmed's DicomSRValidator (the validator IHE uses for AI Results).
 Each prints no line starting with "Error". Cases: knee (AP + LAT + fused), hip (one view,
 positive and abstained), spine (AP + LAT + fused), a sparse source, a site's own task
@@ -33,6 +35,7 @@ from tests.unit.test_encode import (
     sparse,
     standard_case,
 )
+from tests.unit.test_seg import segment_case
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +71,7 @@ def _sparse_case(folder: Path) -> Case:
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, list[Path]]]:
-    """Per case: the source files, the SR file and the SC files, written to disk."""
+    """Per case: the source files, the SR file, the SC files and the SEG files, on disk."""
     root = tmp_path_factory.mktemp("encode-validators")
     sets = {task: make_set(root, task, task=task, patients=1, seed=4) for task in ("knee", "hip")}
     sets["spine"] = make_set(root, "spine", task="spine", patients=1, seed=4)
@@ -100,7 +103,13 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, lis
             path = folder / f"sc{index}.dcm"
             sc.save_as(path, enforce_file_format=True)
             captures.append(path)
-        out[name] = {"sources": sources, "sr": [report], "sc": captures}
+        segmentations = []
+        spec = knee_oa_spec() if name.startswith("knee-oa") else None
+        for index, seg in enumerate(segment_case(case, spec=spec)):
+            path = folder / f"seg{index}.dcm"
+            seg.save_as(path, enforce_file_format=True)
+            segmentations.append(path)
+        out[name] = {"sources": sources, "sr": [report], "sc": captures, "seg": segmentations}
     return out
 
 
@@ -108,8 +117,8 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, lis
 def test_dciodvfy_reports_no_error(written: dict[str, dict[str, list[Path]]], case: str) -> None:
     dciodvfy = require_tool("dciodvfy")
     files = written[case]
-    assert len(files["sc"]) == len(files["sources"]) >= 1
-    for path in [*files["sr"], *files["sc"]]:
+    assert len(files["sc"]) == len(files["seg"]) == len(files["sources"]) >= 1
+    for path in [*files["sr"], *files["sc"], *files["seg"]]:
         result = _run([dciodvfy, str(path)])
         assert _errors(result.stdout + result.stderr) == [], path.name
 
@@ -120,7 +129,7 @@ def test_dcentvfy_finds_one_patient_and_study(
 ) -> None:
     dcentvfy = require_tool("dcentvfy")
     files = written[case]
-    paths = [*files["sources"], *files["sr"], *files["sc"]]
+    paths = [*files["sources"], *files["sr"], *files["sc"], *files["seg"]]
     result = _run([dcentvfy, *map(str, paths)])
     assert _errors(result.stdout + result.stderr) == []
     assert result.returncode == 0, result.stdout + result.stderr
@@ -213,6 +222,21 @@ def test_dciodvfy_catches_an_rgb_sc_with_a_missing_attribute(
     ds.save_as(broken, enforce_file_format=True)
     result = _run([dciodvfy, str(broken)])
     assert _errors(result.stdout + result.stderr)
+
+
+def test_dciodvfy_catches_a_seg_as_highdicom_alone_writes_it(
+    written: dict[str, dict[str, list[Path]]], tmp_path: Path
+) -> None:
+    """The check itself can fail: without what the encoder adds to highdicom's SEG of a
+    radiograph (Plane Orientation, Patient Orientation), Patient Orientation is missing."""
+    dciodvfy = require_tool("dciodvfy")
+    ds = pydicom.dcmread(written["knee"]["seg"][0])
+    del ds.PatientOrientation
+    del ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence
+    broken = tmp_path / "highdicom-only-seg.dcm"
+    ds.save_as(broken, enforce_file_format=True)
+    result = _run([dciodvfy, str(broken)])
+    assert any("PatientOrientation" in line for line in _errors(result.stdout + result.stderr))
 
 
 def test_dcentvfy_catches_a_different_patient(

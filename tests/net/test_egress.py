@@ -23,8 +23,9 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from dicom_node.config import DestinationConfig, NodeConfig, SendConfig, TlsConfig
 from dicom_node.receive import StorageScp
 from dicom_node.send import Sender
+from dicom_node.send.failures import classify
 from dicom_node.send.requestor import describe_connect_error
-from dicom_node.send.scu import classify, send_files
+from dicom_node.send.scu import send_files
 from dicom_node.store import Spool
 from tests.conftest import make_set
 from tests.factories import MemorySink, free_port, queue_outputs, wait_for
@@ -213,7 +214,7 @@ def test_a_closed_port_is_one_warning_naming_connection_refused(
     caplog.set_level(logging.DEBUG, logger="dicom_node.send.requestor")
     assert sender.step() == 1
     [line] = problems(caplog)
-    assert line.name == "dicom_node.send.scu"
+    assert line.name == "dicom_node.send.sender"
     assert f"association with PACS at 127.0.0.1:{port} failed: connection refused" in (
         line.getMessage()
     )
@@ -247,7 +248,7 @@ def test_a_rejected_association_is_one_warning_naming_the_rejection(
     finally:
         server.shutdown()
     [line] = problems(caplog)
-    assert line.name == "dicom_node.send.scu"
+    assert line.name == "dicom_node.send.sender"
     message = line.getMessage()
     assert "association with NOT-PACS" in message and "rejected: Called AE title not " in message
     assert "(permanent, from the service user; result 1, source 1, reason 7)" in message

@@ -93,6 +93,27 @@ def _commands() -> set[str]:
     return commands
 
 
+def _transports() -> set[str]:
+    """dicom_node.send modules that are transports: they register a destination type when
+    imported (``register(DestinationType(...))`` at module level, dicom_node/send/transport.py)."""
+    found = set()
+    for name, path in MODULES.items():
+        if not name.startswith("dicom_node.send."):
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in _on_import(tree.body):
+            value = (
+                getattr(node, "value", None) if isinstance(node, ast.Expr | ast.Assign) else None
+            )
+            if isinstance(value, ast.Call):
+                called = value.func
+                if (isinstance(called, ast.Name) and called.id == "register") or (
+                    isinstance(called, ast.Attribute) and called.attr == "register"
+                ):
+                    found.add(name)
+    return found
+
+
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     """One import cycle of ``graph``, or None."""
     state: dict[str, int] = {}  # 1: on the current path, 2: done
@@ -147,5 +168,21 @@ def test_the_node_never_imports_train() -> None:
         name: sorted(t for t in _imports(name, module_level=False) if t.split(".")[0] == "train")
         for name in MODULES
         if name.split(".")[0] == "dicom_node"
+    }
+    assert {name: found for name, found in offenders.items() if found} == {}
+
+
+def test_transports_never_import_one_another() -> None:
+    """No module of dicom_node.send imports a transport module, anywhere in it, nor the package
+    (which imports them all to register them): the transports share failures.py and
+    transport.py, the sender finds them through the registry, so the scu ↔ stow cycle cannot
+    come back."""
+    transports = _transports()
+    assert {"dicom_node.send.scu", "dicom_node.send.stow"} <= transports
+    assert transports <= _imports("dicom_node.send", module_level=True)  # registered on import
+    offenders = {
+        name: sorted(_imports(name, module_level=False) & (transports | {"dicom_node.send"}))
+        for name in MODULES
+        if name.startswith("dicom_node.send.")
     }
     assert {name: found for name, found in offenders.items() if found} == {}
