@@ -13,6 +13,8 @@ import json
 import logging
 from datetime import UTC, datetime
 
+import pydicom.config
+
 __all__ = ["CONTEXT_FIELDS", "JsonFormatter", "configure"]
 
 CONTEXT_FIELDS = (
@@ -52,3 +54,7 @@ def configure(level: str, style: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # pydicom's reading validation (WARN by default) logs an invalid element value verbatim,
+    # e.g. a patient name sent as a UID: the node checks what it reads itself and logs UIDs
+    # only, so values read from peers are not validated (and so not logged) by pydicom.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from pydicom import config
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
@@ -135,12 +136,29 @@ def loggable_uid(value: Any) -> str:
     """A UID as it may be logged: a peer's invalid "UID" is free text that could be anything
     (a patient name), so it is replaced by a placeholder."""
     text = uid_text(value)
-    return text if text and UID(text).is_valid else "(invalid UID)"
+    return text if text and is_valid_uid(text) else "(invalid UID)"
+
+
+def is_valid_uid(text: str) -> bool:
+    """Whether ``text`` is a valid UID, asked without pydicom's own validation of the value,
+    which logs an invalid one quoted (a patient name sent as a UID would reach the log)."""
+    return UID(text, validation_mode=config.IGNORE).is_valid
 
 
 def uid_text(value: Any) -> str:
     """A UID element's value as a stripped string ('' when absent)."""
     return "" if value is None else str(value).strip()
+
+
+def uid_of(dataset: Dataset, keyword: str) -> str:
+    """A received data set's UID element as stripped text ('' when absent), read from its
+    bytes as they came: pydicom's conversion validates the value, as :func:`is_valid_uid`
+    does not."""
+    element = dataset.get_item(keyword)
+    value = None if element is None else element.value
+    if isinstance(value, bytes):
+        value = value.decode("latin-1").rstrip("\x00")
+    return uid_text(value)
 
 
 class Ingest:
@@ -224,7 +242,7 @@ class Ingest:
 
         def valid(value: str) -> str:  # a placeholder or free text is not kept as a UID
             digits = bool(value) and value.replace(".", "").isdigit()
-            return value if digits and UID(value).is_valid else ""
+            return value if digits and is_valid_uid(value) else ""
 
         try:
             if isinstance(status, str):
@@ -268,8 +286,8 @@ class Ingest:
         """
         via, calling = source.protocol, source.calling_ae
         try:
-            sop_class_uid = uid_text(dataset.get("SOPClassUID"))
-            uids = {keyword: uid_text(dataset.get(keyword)) for keyword in _IDENTIFYING_UIDS}
+            sop_class_uid = uid_of(dataset, "SOPClassUID")
+            uids = {keyword: uid_of(dataset, keyword) for keyword in _IDENTIFYING_UIDS}
         except Exception as error:
             # Not the message: a decoding error may quote element values.
             log.warning(
@@ -280,7 +298,7 @@ class Ingest:
                 CANNOT_UNDERSTAND,
             )
             return self.refuse(source, CANNOT_UNDERSTAND, "undecodable", kind=BAD_INPUT)
-        invalid = [keyword for keyword, uid in uids.items() if not uid or not UID(uid).is_valid]
+        invalid = [keyword for keyword, uid in uids.items() if not uid or not is_valid_uid(uid)]
         if invalid:
             log.warning(
                 "%s %s from %s: missing or invalid %s; answering 0x%04X",

@@ -72,7 +72,7 @@ from dicom_node.receive.ingest import (
     InstanceSink,
     Source,
     loggable_uid,
-    uid_text,
+    uid_of,
 )
 from dicom_node.receive.validate import check_deflate
 from dicom_node.tls import server_context
@@ -480,7 +480,7 @@ class StorageScp:
                 )
         try:
             dataset = event.dataset
-            sop_class_uid = uid_text(dataset.get("SOPClassUID"))
+            sop_class_uid = uid_of(dataset, "SOPClassUID")
         except Exception as error:
             # Not the message: a decoding error may quote element values.
             log.warning(

@@ -10,13 +10,13 @@ is written.
   steps first: one that would expand past ``max_bytes`` (a decompression bomb) is refused
   before pydicom inflates it whole.
 * :func:`check_image` — the Image Pixel module (PS3.3 C.7.6.3): Pixel Data present; Rows,
-  Columns, Bits Allocated, Bits Stored, Samples per Pixel and Photometric Interpretation
-  present and consistent; for native (uncompressed) pixel data, a length that holds every
-  frame; for JPEG 2000, JPEG-LS and JPEG, a codestream that declares the same size as Rows
-  and Columns (a decoder allocates what its codestream says: a bomb declares 60000 × 60000
-  under a small header); and the image within the configured size
-  (``node.max_image_pixels``), so that no large allocation is ever made for a 65535 × 65535
-  header.
+  Columns, Bits Allocated, Bits Stored, Samples per Pixel, Pixel Representation (0 or 1:
+  pydicom decodes nothing else) and Photometric Interpretation present and consistent; for
+  native (uncompressed) pixel data, a length that holds every frame; for JPEG 2000, JPEG-LS
+  and JPEG, a codestream that declares the same size as Rows and Columns (a decoder allocates
+  what its codestream says: a bomb declares 60000 × 60000 under a small header); and the image
+  within the configured size (``node.max_image_pixels``), so that no large allocation is ever
+  made for a 65535 × 65535 header.
 
 Each problem is a :class:`Refusal`: the DIMSE status (0xA900 "data set does not match SOP
 class" for an image that breaks its IOD, 0xA700 "out of resources" for one over the node's
@@ -149,11 +149,18 @@ def check_image(ds: Dataset, *, syntax: UID, max_pixels: int) -> Refusal | None:
     declare the size that Rows and Columns say."""
     compressed = syntax.is_compressed
     codestream = compressed and syntax != RLELossless
-    if "PixelData" not in ds:
+    if ds.get("PixelData") is None:  # absent, or empty: pydicom reads no value as None
         return Refusal(DOES_NOT_MATCH_SOP_CLASS, "no Pixel Data")
     values = {
         k: _int(ds, k)
-        for k in ("Rows", "Columns", "BitsAllocated", "BitsStored", "SamplesPerPixel")
+        for k in (
+            "Rows",
+            "Columns",
+            "BitsAllocated",
+            "BitsStored",
+            "SamplesPerPixel",
+            "PixelRepresentation",
+        )
     }
     missing = [k for k, v in values.items() if v is None]
     if missing:
@@ -171,6 +178,10 @@ def check_image(ds: Dataset, *, syntax: UID, max_pixels: int) -> Refusal | None:
     if not 1 <= stored <= allocated:
         return Refusal(
             DOES_NOT_MATCH_SOP_CLASS, f"Bits Stored {stored} with Bits Allocated {allocated}"
+        )
+    if values["PixelRepresentation"] not in (0, 1):
+        return Refusal(
+            DOES_NOT_MATCH_SOP_CLASS, f"Pixel Representation {values['PixelRepresentation']}"
         )
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     expected = _PHOTOMETRIC.get(photometric)
