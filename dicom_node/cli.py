@@ -1,9 +1,13 @@
-"""``python -m dicom_node serve | echo | check-config | status | send --retry-dead | reload``.
+"""``python -m dicom_node serve | echo | check-config | status | send --retry-dead | reload |
+migrate``.
 
 ``status`` prints what the status page shows, from the spool (and the running node's
 ``/readyz`` when it answers on ``node.http_port``): health with its warnings, the queues, the
 recent studies with their state and result or reason, the problems, and the dead letters with
 their study and task; ``--state``, ``--task`` and ``--limit`` filter the studies.
+
+``migrate`` brings the spool's index to the schema this release uses (as ``serve`` does when it
+opens the spool) and prints its schema version before and after; run again, it changes nothing.
 """
 
 from __future__ import annotations
@@ -267,6 +271,22 @@ def _send(args: argparse.Namespace) -> int:
     return 0
 
 
+def _migrate(args: argparse.Namespace) -> int:
+    from dicom_node.store import Spool
+
+    config = _config(args)
+    spool = Spool(config.spool.directory)  # opening it applies what its index lacks
+    try:
+        before, after = spool.opened_at_version, spool.schema_version()
+    finally:
+        spool.close()
+    done = "up to date" if before == after else "migrated"
+    sys.stdout.write(
+        f"spool {config.spool.directory}: schema version {before} -> {after} ({done})\n"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dicom_node",
@@ -334,6 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(
         sub.add_parser("reload", help="load changed bundles into the running node (SIGHUP)")
     ).set_defaults(run=_reload)
+    with_config(
+        sub.add_parser(
+            "migrate", help="bring the spool's index to this release's schema (idempotent)"
+        )
+    ).set_defaults(run=_migrate)
     return parser
 
 

@@ -28,7 +28,16 @@ class ConfigError(DicomNodeError):
 
 
 class StoreError(DicomNodeError):
-    """The spool could not durably store or read an instance."""
+    """The store (instance files or their index) could not do what was asked.
+
+    Every error of the index's database escaping a public method of the store is one of
+    these, its ``reason`` saying what failed and why (the database's own message); the
+    original is its ``__cause__``.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class StorageFullError(StoreError):

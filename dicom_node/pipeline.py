@@ -29,7 +29,7 @@ from pydicom.dataset import Dataset
 from dicom_node.domain import Explanation, Outputs, Prediction, PreparedView, StudyJob
 from dicom_node.errors import DicomNodeError
 from dicom_node.infer import Observe, Predictor
-from dicom_node.store import Spool
+from dicom_node.store import PipelineStore
 from dicom_node.tasks import TaskSpec
 
 __all__ = ["Pipeline", "output_uid"]
@@ -63,7 +63,7 @@ class Pipeline:
     """predict → explain → encode → queue, for batches of claimed studies."""
 
     predictor: Predictor
-    spool: Spool
+    spool: PipelineStore
     specs: Mapping[str, TaskSpec]
     destinations: Sequence[str]
     build_structured_report: Callable[..., Dataset]

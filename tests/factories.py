@@ -192,13 +192,25 @@ def error_lines(command: list[str]) -> list[str]:
 def queue_outputs(
     spool: Spool, study_instance_uid: str, paths: list[Path], destinations: list[str]
 ) -> None:
-    """Queue outputs the way the pipeline does: a claimed job, completed."""
-    spool._db.execute(
-        "INSERT INTO studies (study_instance_uid, task, state, version, last_received_at, "
-        "updated_at) VALUES (?, 'knee', 'processing', 1, 0, 0)",
-        (study_instance_uid,),
+    """Queue outputs the way the pipeline does, through the store's transitions: an AP
+    instance of the study routed to knee, the study ready and claimed, its job completed."""
+    sop_instance_uid = f"{study_instance_uid}.1"
+    spool.store(
+        b"",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.1",
+        sop_instance_uid=sop_instance_uid,
+        study_instance_uid=study_instance_uid,
+        series_instance_uid=study_instance_uid,
     )
-    assert spool.complete(StudyJob(study_instance_uid, "knee", ()), paths, destinations)
+    spool.mark_routed(
+        InstanceRef(sop_instance_uid, "", study_instance_uid, study_instance_uid, Path()),
+        "knee",
+        "AP",
+        None,
+    )
+    spool.promote_ready({"knee": {"AP"}}, quiet_since=0.0)
+    [job] = [job for job in spool.claim_ready(100) if job.study_instance_uid == study_instance_uid]
+    assert spool.complete(job, paths, destinations)
 
 
 def jobs_from_manifest(folder: Path, task: str) -> list[StudyJob]:

@@ -20,7 +20,7 @@ from dicom_node.audit import Audit, NullAudit
 from dicom_node.config import DestinationConfig, SendConfig
 from dicom_node.send.failures import retry_delay, send_failed
 from dicom_node.send.transport import OnEach, Results, Transport, open_transport
-from dicom_node.store import OutboxItem, Spool
+from dicom_node.store import Outbox, OutboxItem
 
 __all__ = ["Sender"]
 
@@ -62,7 +62,7 @@ class Sender:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: Outbox,
         destinations: Sequence[DestinationConfig],
         policy: SendConfig,
         calling_ae_title: str,

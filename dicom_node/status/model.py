@@ -43,7 +43,7 @@ from dicom_node.store import (
     OutboxItem,
     Problem,
     ProblemFilter,
-    Spool,
+    StatusStore,
     StudyFilter,
     StudyState,
 )
@@ -340,7 +340,7 @@ class StatusModel:
 
     Parameters
     ----------
-    spool : Spool
+    spool : StatusStore
         The node's store (the running node's, or one opened by the command).
     config : Config
         The node's configuration (tasks, destinations, health thresholds, audit file).
@@ -349,7 +349,7 @@ class StatusModel:
     """
 
     def __init__(
-        self, spool: Spool, config: Config, *, clock: Callable[[], float] = time.time
+        self, spool: StatusStore, config: Config, *, clock: Callable[[], float] = time.time
     ) -> None:
         self.spool = spool
         self.config = config

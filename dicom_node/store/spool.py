@@ -23,10 +23,13 @@ applicable) and its one-line summary are read from its SR by the status page and
 study's row (:meth:`Spool.set_outcome`, for one version only), so that a filter on them is a
 query, not a read of every report.
 
-The class is the store interface the stages use; a PostgreSQL implementation with the same
-methods can replace it when several nodes share one queue. It is one file on purpose: one class
-over one connection, so that each state transition is one transaction next to the schema it
-changes.
+The class implements every protocol of :mod:`dicom_node.store.interfaces` (the stages are typed
+against those); a PostgreSQL implementation of the same protocols can replace it when several
+nodes share one queue, and ``tests/contract`` holds both to the same transitions. It is one file
+on purpose: one class over one connection, so that each state transition is one transaction.
+The schema is versioned (:mod:`dicom_node.store.migrations`, applied when the spool is
+opened); every ``sqlite3.Error`` escaping a public method is raised as
+:class:`~dicom_node.errors.StoreError`.
 """
 
 from __future__ import annotations
@@ -41,13 +44,16 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import wraps
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from pydicom.uid import UID
 
 from dicom_node.domain import InstanceRef, RoutedView, StudyJob
 from dicom_node.errors import StorageFullError, StoreError
 from dicom_node.problems import UNROUTED
+from dicom_node.store import migrations
 
 __all__ = [
     "PROBLEMS_KEPT",
@@ -65,76 +71,6 @@ log = logging.getLogger(__name__)
 
 # Views in the order a study's job lists them (received order within a view).
 _VIEW_ORDER = {"AP": 0, "LAT": 1}
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS instances (
-    sop_instance_uid TEXT PRIMARY KEY,
-    sop_class_uid TEXT NOT NULL,
-    study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    calling_ae_title TEXT NOT NULL DEFAULT '',
-    received_at REAL NOT NULL,
-    routed INTEGER,            -- NULL: not yet routed; 0: no rule matched; 1: routed
-    task TEXT,
-    view TEXT,
-    laterality TEXT
-);
-CREATE INDEX IF NOT EXISTS instances_unrouted ON instances(routed) WHERE routed IS NULL;
-CREATE INDEX IF NOT EXISTS instances_study ON instances(study_instance_uid, task);
-CREATE TABLE IF NOT EXISTS studies (
-    study_instance_uid TEXT NOT NULL,
-    task TEXT NOT NULL,
-    state TEXT NOT NULL,       -- collecting | ready | processing | done | failed
-    version INTEGER NOT NULL DEFAULT 1,
-    last_received_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    error TEXT,
-    claimed_at REAL,           -- when the last processing began (the status page's timings)
-    PRIMARY KEY (study_instance_uid, task)
-);
-CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    study_instance_uid TEXT NOT NULL,
-    task TEXT NOT NULL,
-    path TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    state TEXT NOT NULL,       -- pending | sent | dead
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS outbox_due ON outbox(state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS outbox_path ON outbox(destination, path);
-CREATE INDEX IF NOT EXISTS outbox_study ON outbox(study_instance_uid, task);
-CREATE TABLE IF NOT EXISTS problems (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
-    kind TEXT NOT NULL,        -- dicom_node.problems: unrouted | not-radiograph | ...
-    reason TEXT NOT NULL,
-    protocol TEXT NOT NULL DEFAULT '',  -- C-STORE | STOW-RS ('' for an unrouted instance)
-    peer TEXT NOT NULL DEFAULT '',      -- the calling AE title, or the STOW-RS token's name
-    address TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL DEFAULT '',    -- the DICOM status answered, e.g. 0xA900
-    study_instance_uid TEXT NOT NULL DEFAULT '',
-    series_instance_uid TEXT NOT NULL DEFAULT '',
-    sop_instance_uid TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS problems_at ON problems(at);
-CREATE INDEX IF NOT EXISTS problems_study ON problems(study_instance_uid);
-"""
-
-# Columns added after a spool was first created: (table, column, declaration).
-_ADDED_COLUMNS = (
-    ("studies", "claimed_at", "REAL"),
-    # The status page's cache of a done study's SR: answered | not-applicable | no-report,
-    # its one-line summary, and the version they were read from.
-    ("studies", "outcome", "TEXT"),
-    ("studies", "outcome_version", "INTEGER"),
-    ("studies", "summary", "TEXT"),
-)
 
 #: How many problems the spool keeps (the newest); older ones are pruned as new ones come.
 PROBLEMS_KEPT = 10_000
@@ -251,6 +187,24 @@ class OutboxItem:
     updated_at: float = 0.0  # its last attempt (or when it was queued)
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _index_errors(method: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Every ``sqlite3.Error`` escaping a public method becomes a ``StoreError`` naming the
+    method, so that callers (and another backend) know one family of errors."""
+
+    @wraps(method)
+    def guarded(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(*args, **kwargs)
+        except sqlite3.Error as error:
+            raise StoreError(f"the spool's index failed in {method.__name__}: {error}") from error
+
+    return guarded
+
+
 def _fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
     try:
@@ -290,17 +244,25 @@ class Spool:
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            for table, column, declaration in _ADDED_COLUMNS:
-                have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-                if column not in have:
-                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            try:
+                #: The index's schema version when it was opened, before any migration.
+                self.opened_at_version, _ = migrations.migrate(self._db)
+            except StoreError:  # newer than this release, or a migration failed
+                self._db.close()
+                raise
         except (OSError, sqlite3.Error) as error:
             raise StoreError(f"cannot open the spool at {root}: {error}") from error
 
+    @_index_errors
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    @_index_errors
+    def schema_version(self) -> int:
+        """The index's schema version (:mod:`dicom_node.store.migrations`)."""
+        with self._lock:
+            return migrations.schema_version(self._db)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -313,6 +275,7 @@ class Spool:
                 raise
             self._db.execute("COMMIT")
 
+    @_index_errors
     def health(self) -> list[str]:
         """What stops the spool from taking instances now (empty: nothing): free space
         below the reserve, a folder that cannot be written, an index that cannot be read."""
@@ -339,6 +302,7 @@ class Spool:
         return problems
 
     # -- ingress ----------------------------------------------------------------------------
+    @_index_errors
     def path_for(self, sop_instance_uid: str) -> Path:
         """Where an instance lives; the UID is validated, so it cannot escape the spool."""
         if not UID(sop_instance_uid).is_valid:
@@ -347,6 +311,7 @@ class Spool:
             self.instances_dir / sop_instance_uid[-3:].replace(".", "_") / f"{sop_instance_uid}.dcm"
         )
 
+    @_index_errors
     def store(
         self,
         encoded: bytes,
@@ -408,6 +373,7 @@ class Spool:
         return cursor.rowcount == 1
 
     # -- routing and study assembly ---------------------------------------------------------
+    @_index_errors
     def unrouted(self, limit: int = 100) -> list[InstanceRef]:
         with self._lock:
             rows = self._db.execute(
@@ -427,6 +393,7 @@ class Spool:
             path=self.root / row[4],
         )
 
+    @_index_errors
     def mark_routed(
         self, instance: InstanceRef, task: str | None, view: str | None, laterality: str | None
     ) -> None:
@@ -495,6 +462,7 @@ class Spool:
             sop_instance_uid=sop_instance_uid,
         )
 
+    @_index_errors
     def promote_ready(
         self, required_views: Mapping[str, Collection[str]], quiet_since: float
     ) -> int:
@@ -526,6 +494,7 @@ class Spool:
                 promoted += 1
         return promoted
 
+    @_index_errors
     def next_quiet_deadline(self) -> float | None:
         """``last_received_at`` of the collecting study that has waited longest, or None."""
         with self._lock:
@@ -534,6 +503,7 @@ class Spool:
             ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
+    @_index_errors
     def claim_ready(self, limit: int) -> list[StudyJob]:
         """Move up to ``limit`` ready studies to 'processing' and return their jobs, with every
         routed view received so far, in one transaction (oldest ready first)."""
@@ -564,6 +534,7 @@ class Spool:
                 )
         return jobs
 
+    @_index_errors
     def complete(self, job: StudyJob, paths: Sequence[Path], destinations: Sequence[str]) -> bool:
         """Queue a job's outputs for every destination and mark the study done, in one
         transaction — only if the job is still the study's current version.
@@ -621,6 +592,7 @@ class Spool:
                     ),
                 )
 
+    @_index_errors
     def fail(self, job: StudyJob, reason: str) -> bool:
         """Mark a job's study failed (visible in ``status``), only if it is still the current
         version; False when a newer version is already collecting (it will be tried)."""
@@ -635,11 +607,13 @@ class Spool:
                 == 1
             )
 
+    @_index_errors
     def study(self, study_instance_uid: str, task: str) -> StudyState | None:
         """One study's state, or None."""
         found = self._studies("s.study_instance_uid = ? AND s.task = ?", (study_instance_uid, task))
         return found[0] if found else None
 
+    @_index_errors
     def recent_studies(self, limit: int = 20) -> list[StudyState]:
         return self._studies("1 = 1 ORDER BY s.updated_at DESC LIMIT ?", (limit,))
 
@@ -656,6 +630,7 @@ class Spool:
         return [StudyState(*row) for row in rows]
 
     # -- the status page's read side --------------------------------------------------------
+    @_index_errors
     def find_studies(
         self, where: StudyFilter, limit: int, offset: int = 0
     ) -> tuple[list[StudyState], int]:
@@ -672,10 +647,12 @@ class Spool:
         )
         return page, int(total)
 
+    @_index_errors
     def studies_of(self, study_instance_uid: str) -> list[StudyState]:
         """Every task's state of one study (empty: the node has no job for it)."""
         return self._studies("s.study_instance_uid = ? ORDER BY s.task", (study_instance_uid,))
 
+    @_index_errors
     def state_counts(self, since: float | None = None) -> dict[str, int]:
         """How many studies are in each of :data:`STUDY_FILTER_STATES` (a study may be in two:
         answered and sending); ``since``: only those changed since then."""
@@ -691,6 +668,7 @@ class Spool:
             ).fetchone()
         return {state: int(n) for state, n in zip(STUDY_FILTER_STATES, row, strict=True)}
 
+    @_index_errors
     def unclassified(self, limit: int = 200) -> list[StudyState]:
         """Done studies whose outcome has not been read from their SR for this version."""
         return self._studies(
@@ -699,6 +677,7 @@ class Spool:
             (limit,),
         )
 
+    @_index_errors
     def set_outcome(
         self, study_instance_uid: str, task: str, version: int, outcome: str, summary: str
     ) -> bool:
@@ -715,6 +694,7 @@ class Spool:
                 == 1
             )
 
+    @_index_errors
     def failed_since(self, since: float) -> int:
         """How many studies are failed, their failure recorded at or after ``since``."""
         with self._lock:
@@ -724,6 +704,7 @@ class Spool:
             ).fetchone()
         return int(count)
 
+    @_index_errors
     def instances_of(self, study_instance_uid: str) -> list[InstanceRecord]:
         """Every instance received for a study, oldest first, routed or not."""
         with self._lock:
@@ -752,6 +733,7 @@ class Spool:
         ]
 
     # -- problems: what was refused or ignored ----------------------------------------------
+    @_index_errors
     def record_problem(
         self,
         kind: str,
@@ -799,6 +781,7 @@ class Spool:
         if newest > self.problems_kept:
             db.execute("DELETE FROM problems WHERE id <= ?", (newest - self.problems_kept,))
 
+    @_index_errors
     def problems(
         self, where: ProblemFilter, limit: int = 100, offset: int = 0
     ) -> tuple[list[Problem], int]:
@@ -816,6 +799,7 @@ class Spool:
             ).fetchall()
         return [Problem(*row) for row in rows], int(total)
 
+    @_index_errors
     def problem_counts(self, since: float | None = None) -> dict[str, int]:
         """Problems kept, by kind (``since``: only those recorded since then)."""
         clause, params = _problem_clause(ProblemFilter(since=since))
@@ -825,6 +809,7 @@ class Spool:
             ).fetchall()
         return {str(kind): int(n) for kind, n in rows}
 
+    @_index_errors
     def resume(self) -> int:
         """After a restart: studies caught mid-processing go back to 'ready'. Returns how many."""
         with self._transaction() as db:
@@ -834,6 +819,7 @@ class Spool:
             ).rowcount
 
     # -- outputs and the outbound queue -----------------------------------------------------
+    @_index_errors
     def output_path(self, study_instance_uid: str, name: str) -> Path:
         if not UID(study_instance_uid).is_valid:
             raise StoreError(f"invalid Study Instance UID {study_instance_uid!r}")
@@ -841,20 +827,24 @@ class Spool:
         folder.mkdir(parents=True, exist_ok=True)
         return folder / name
 
+    @_index_errors
     def due(self, limit: int = 50) -> list[OutboxItem]:
         return self._outbox(
             "state = 'pending' AND next_attempt_at <= ? ORDER BY id LIMIT ?", (self._clock(), limit)
         )
 
+    @_index_errors
     def dead_letters(self) -> list[OutboxItem]:
         return self._outbox("state = 'dead' ORDER BY id")
 
+    @_index_errors
     def study_counts(self) -> dict[str, int]:
         """Studies by state (collecting, ready, processing, done, failed)."""
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM studies GROUP BY state")
             return {str(state): int(n) for state, n in rows.fetchall()}
 
+    @_index_errors
     def outbox_counts(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute("SELECT state, COUNT(*) FROM outbox GROUP BY state").fetchall()
@@ -872,12 +862,14 @@ class Spool:
             for r in rows
         ]
 
+    @_index_errors
     def outbox_for(self, study_instance_uid: str, task: str) -> list[OutboxItem]:
         """Every queued output of a study's task, sent, pending or dead (the status page)."""
         return self._outbox(
             "study_instance_uid = ? AND task = ? ORDER BY id", (study_instance_uid, task)
         )
 
+    @_index_errors
     def next_due(self) -> float | None:
         """When the earliest pending send is due, or None when nothing is pending."""
         with self._lock:
@@ -886,6 +878,7 @@ class Spool:
             ).fetchone()
         return None if row is None or row[0] is None else float(row[0])
 
+    @_index_errors
     def mark_sent(self, item_id: int) -> None:
         with self._transaction() as db:
             db.execute(
@@ -894,6 +887,7 @@ class Spool:
                 (self._clock(), item_id),
             )
 
+    @_index_errors
     def mark_failed(self, item_id: int, error: str, retry_in_s: float | None) -> None:
         """A failed attempt: retry after ``retry_in_s``, or dead-letter it when None."""
         now = self._clock()
@@ -911,6 +905,7 @@ class Spool:
                     (error, now + retry_in_s, now, item_id),
                 )
 
+    @_index_errors
     def requeue(self, item_id: int) -> bool:
         """Put one dead letter back in the queue (the status page's button); False when it is
         not a dead letter (already requeued, or no such item)."""
@@ -924,6 +919,7 @@ class Spool:
                 == 1
             )
 
+    @_index_errors
     def retry_dead(self) -> int:
         """Put every dead letter back in the queue (``send --retry-dead``)."""
         with self._transaction() as db:

@@ -395,10 +395,13 @@ def test_outputs_are_queued_once_and_only_for_the_current_version(tmp_path: Path
     outputs = [tmp_path / "sr.dcm", tmp_path / "sc1.dcm"]
     assert spool.complete(job, outputs, ["pacs", "archive"])
     assert spool.study(ap.StudyInstanceUID, "knee").state == "done"  # type: ignore[union-attr]
-    # Killed after the commit, before the study was seen done: the job runs again, same files.
-    assert spool.resume() == 0  # done is done; force a re-run as a crash mid-way would
-    spool._db.execute("UPDATE studies SET state = 'processing'")
-    assert spool.complete(job, outputs, ["pacs", "archive"])
+    assert spool.resume() == 0  # done is done
+    # The same files queued again (a re-run after a crash makes the same files): once each.
+    resend(spool, knee / "dicom" / ap.PatientID / "02_LAT.dcm")
+    assembler.route_new()
+    assert spool.promote_ready({"knee": {"AP"}}, quiet_since=0.0) == 1
+    [rerun] = spool.claim_ready(8)
+    assert spool.complete(rerun, outputs, ["pacs", "archive"])
     assert sorted((i.destination, i.path.name) for i in spool.due()) == [
         ("archive", "sc1.dcm"),
         ("archive", "sr.dcm"),

@@ -339,7 +339,9 @@ def test_identifiers_only_with_a_token(site: Site) -> None:
     study_page = render_study(detail, {"ae_title": "ORTHONODE"}, {"state": READY})
     assert "PID-0042" not in study_page and "Doe" not in study_page
     # Nowhere in the index.
-    dump = "\n".join(site.spool._db.iterdump())
+    index = sqlite3.connect(site.spool.root / "orthonode.sqlite")
+    dump = "\n".join(index.iterdump())
+    index.close()
     assert "ACC-7731" not in dump and "PID-0042" not in dump and "Doe" not in dump
 
 
