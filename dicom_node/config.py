@@ -205,7 +205,10 @@ class NodeConfig(_Model):
     ae_title: str = Field(default="ORTHONODE", description="the AE title PACS send to")
     host: str = Field(default="0.0.0.0", description="address to listen on")
     port: int = Field(default=11112, ge=0, le=65535, description="DICOM port (0: any free)")
-    max_associations: int = Field(default=10, ge=1, le=200)
+    # A PACS forwards over up to 16 parallel associations (issue 20: 8 storescu from one host
+    # failed at 10 / 6): one host may hold 24 of 32 slots, so another sender keeps 8; idle and
+    # slow peers are held off by the pre-association gate, not by these limits.
+    max_associations: int = Field(default=32, ge=1, le=200)
     max_pdu: int = Field(
         default=131072, ge=0, description="maximum PDU size received; 0 = the largest, 16 MiB"
     )
@@ -226,7 +229,7 @@ class NodeConfig(_Model):
         default=16, ge=1, description="connections waiting for their A-ASSOCIATE-RQ, per host"
     )
     max_associations_per_host: int = Field(
-        default=6,
+        default=24,
         ge=1,
         description="associations one host may hold (at most max_associations); the next is "
         "rejected as transient, local limit exceeded",
