@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m bench latency [options]   (python -m bench latency --help)
+USAGE = """usage: python -m bench <benchmark> [options]   (python -m bench <benchmark> --help)
 
   latency   end to end: storescu → the node (subprocess) → a real Orthanc; p50/p95 latency,
             throughput with studies in flight, the node's per-stage times
+  ingest    C-STORE throughput with 1..K concurrent storescu senders: the node next to dcmtk's
+            storescp (with and without fsync); MiB/s, instances/s and their ratio
 
 Run as files: python bench/inference_speed.py, python bench/synth_speed.py
 """
@@ -22,6 +24,10 @@ def main(argv: list[str]) -> int:
         from bench.latency import main as latency
 
         return latency(rest)
+    if name == "ingest":
+        from bench.ingest import main as ingest
+
+        return ingest(rest)
     sys.stderr.write(f"unknown benchmark {name!r}\n{USAGE}")
     return 2
 

@@ -1,10 +1,12 @@
-"""Shared fixtures: small phantom sets generated once per test session, and tool lookup."""
+"""Shared fixtures: small phantom sets generated once per test session, a throwaway PostgreSQL,
+and tool lookup."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,25 @@ def phantom_sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "hip": make_set(root, "hip", task="hip", patients=8, seed=3),
         "spine": make_set(root, "spine", task="spine", patients=14, seed=3),
     }
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL (tests/postgres.py) for the session: its ``postgresql://`` URL.
+
+    Skipped without the server's binaries, but a failure under CI=true (.ci/run installs them).
+    """
+    from tests.postgres import PostgresCluster, find_postgres_bin
+
+    bin_dir = find_postgres_bin()
+    if bin_dir is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("PostgreSQL (initdb, pg_ctl) is not installed, and CI=true requires it")
+        pytest.skip(
+            "PostgreSQL (initdb, pg_ctl) not installed (set CI=true to make this a failure)"
+        )
+    cluster = PostgresCluster(bin_dir)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()
