@@ -219,6 +219,14 @@ def _status(args: argparse.Namespace) -> int:
     from dicom_node.store import Spool
 
     config = _config(args)
+    if args.spool is not None or args.http_port is not None:
+        # The node started with serve's --spool / --http-port: read that spool, ask that port.
+        data = config.model_dump()
+        if args.spool is not None:
+            data["spool"]["directory"] = args.spool.resolve()
+        if args.http_port is not None:
+            data["node"]["http_port"] = args.http_port
+        config = Config.model_validate(data)
     if args.task and args.task not in config.tasks:
         raise ConfigError(
             f"--task {args.task}: not a task of the configuration ({', '.join(config.tasks)})"
@@ -343,6 +351,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="only studies in this state",
     )
     status.add_argument("--task", default=None, help="only studies of this task")
+    status.add_argument(
+        "--spool", type=Path, default=None, help="the spool of a node started with serve --spool"
+    )
+    status.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="the HTTP port of a node started with serve --http-port (for its health)",
+    )
     status.add_argument("--limit", type=int, default=20, help="studies listed (default 20)")
     status.add_argument(
         "--problems", type=int, default=10, help="problems listed, newest first (default 10)"

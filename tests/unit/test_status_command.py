@@ -102,6 +102,32 @@ def test_status_filters(site: Site, conf: Path, capsys: pytest.CaptureFixture[st
     assert main(["status", "--config", str(conf), "--task", "elbow"]) == 2
 
 
+def test_status_reads_the_spool_serve_was_given(
+    site: Site,  # noqa: F811
+    conf: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """README's "try it" node runs with serve --spool / --http-port: status reads the same."""
+    other = tmp_path / "other.yaml"
+    other.write_text(f"spool: {{directory: {tmp_path / 'empty'}}}\n")
+    out = _run(capsys, "--config", str(other))
+    assert "most recent first: 0 of 0" in out
+    out = _run(capsys, "--config", str(other), "--spool", str(tmp_path / "spool"))
+    assert "most recent first: 7 of 7" in out and site.studies["answered"] in out
+    _Readyz.answer = {"ready": True, "state": "ready", "checks": {}, "warnings": []}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Readyz)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = str(server.server_address[1])
+        out = _run(capsys, "--config", str(other), "--http-port", port)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.splitlines()[0] == f"orthonode ORTHONODE: ready  (the node answers on port {port})"
+
+
 class _Readyz(BaseHTTPRequestHandler):
     answer: ClassVar[dict[str, Any]] = {}
 
