@@ -38,7 +38,6 @@ import os
 import shlex
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import tempfile
@@ -55,7 +54,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from bench.machine import cpu_name
+from bench.common import BenchError, free_port, tool, wait_for
+from bench.machine import commit, machine
 from dicom_node.metrics import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,40 +64,6 @@ TARGET_P95_S = 0.5
 POLL_S = 0.010
 STAGE_METRIC = "orthonode_stage_seconds"
 NODE_AE, SENDER_AE = "ORTHONODE", "MODALITY"
-
-
-class BenchError(RuntimeError):
-    """The benchmark cannot go on; the message says what failed and where to look."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise BenchError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
-
-
-def tool(name: str) -> str:
-    """An installed program (dcmtk's storescu, Orthanc...), never a script of this virtual
-    environment: pynetdicom installs a ``storescu`` of its own there."""
-    scripts = {Path(sys.prefix, "bin").resolve(), Path(sys.executable).parent.resolve()}
-    search = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p]
-    path = shutil.which(
-        name, path=os.pathsep.join(p for p in search if Path(p).resolve() not in scripts)
-    )
-    if not path:
-        raise BenchError(f"{name} is not installed (apt-get install orthanc dcmtk)")
-    return path
 
 
 # --- Orthanc -----------------------------------------------------------------------------------
@@ -125,12 +91,12 @@ class Orthanc:
         (root / "orthanc.json").write_text(json.dumps(config))
         self.log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            [tool("Orthanc"), str(root / "orthanc.json")],
+            [tool("Orthanc", "orthanc"), str(root / "orthanc.json")],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
         try:
-            wait_for(self._alive, 60, "Orthanc to answer /system")
+            wait_for(self._alive, 60, "Orthanc to answer /system", every=0.25)
         except BaseException:
             self.stop()
             raise
@@ -558,33 +524,6 @@ def stage_rows(
 # --- report ------------------------------------------------------------------------------------
 
 
-def machine() -> str:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 1
-    return f"{cpu_name()}, {cores} cores"
-
-
-def commit() -> str:
-    def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "--no-optional-locks", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=30,
-            check=True,
-        ).stdout.strip()
-
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return head + ("-dirty" if dirty else "")
-
-
 def percentiles(values: Sequence[float]) -> tuple[float, float, float]:
     array = np.asarray(values, dtype=float)
     return (
@@ -824,8 +763,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         command = shlex.join(["python", "-m", "bench", "latency", *given])
     try:
-        for name in ("Orthanc", "storescu", "echoscu"):
-            tool(name)
+        for name, package in (("Orthanc", "orthanc"), ("storescu", "dcmtk"), ("echoscu", "dcmtk")):
+            tool(name, package)
     except BenchError as error:
         say(str(error))
         return 1

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
 from pathlib import Path
 
-__all__ = ["add_rows", "cpu_name"]
+__all__ = ["add_rows", "commit", "cpu_name", "machine"]
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_name() -> str:
@@ -35,3 +39,33 @@ def add_rows(path: Path, heading: str, rows: str) -> None:
         lines[end - 1] += "\n"
     lines[end:end] = [rows]
     path.write_text("".join(lines))
+
+
+def machine() -> str:
+    """The CPU and the cores this process may use, e.g. "AMD EPYC, 2 cores"."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return f"{cpu_name()}, {cores} cores"
+
+
+def commit() -> str:
+    """The repository's short HEAD, "-dirty" when tracked files have changed."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "--no-optional-locks", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
