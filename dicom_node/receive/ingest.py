@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol
 
 from pydicom import config
 from pydicom.dataset import Dataset
@@ -33,6 +33,7 @@ from dicom_node.audit import Audit, NullAudit
 from dicom_node.errors import StorageFullError, StoreError
 from dicom_node.problems import BAD_INPUT, BAD_PIXEL_DATA, LIMIT, STORAGE, refusal_kind
 from dicom_node.receive.validate import Refusal, check_image
+from dicom_node.store.interfaces import ProblemRecorder
 
 __all__ = [
     "CANNOT_UNDERSTAND",
@@ -82,28 +83,6 @@ class InstanceSink(Protocol):
         stored. Raises ``StorageFullError`` when it cannot be kept, ``StoreError`` on any
         other storage failure.
         """
-        ...
-
-
-@runtime_checkable
-class ProblemRecorder(Protocol):
-    """Where refusals are recorded (the spool's ``problems`` table)."""
-
-    def record_problem(
-        self,
-        kind: str,
-        reason: str,
-        *,
-        protocol: str = "",
-        peer: str = "",
-        address: str = "",
-        status: str = "",
-        study_instance_uid: str = "",
-        series_instance_uid: str = "",
-        sop_instance_uid: str = "",
-    ) -> None:
-        """Keep one refused instance: its kind (:mod:`dicom_node.problems`), reason, who sent
-        it and its UIDs (only those; never an element value)."""
         ...
 
 
