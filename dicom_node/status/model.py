@@ -111,6 +111,19 @@ def _is_uid(value: str) -> bool:
     return bool(value) and value.replace(".", "").isdigit() and UID(value).is_valid
 
 
+def _dates_and_page(params: Mapping[str, str], default_size: int) -> dict[str, Any]:
+    """The ``from``, ``to``, ``page`` and ``size`` parameters both views take, checked."""
+    found = {
+        "date_from": _day(params.get("from", ""), "from"),
+        "date_to": _day(params.get("to", ""), "to"),
+        "page": _whole(params.get("page", ""), "page", 1, 1, 1_000_000),
+        "size": _whole(params.get("size", ""), "size", default_size, 1, MAX_PAGE_SIZE),
+    }
+    if found["date_from"] and found["date_to"] and found["date_to"] < found["date_from"]:
+        raise QueryError("to is before from: give the earlier date as from")
+    return found
+
+
 def _day(value: str, name: str) -> dt.date | None:
     if not value:
         return None
@@ -171,18 +184,12 @@ class StudyQuery:
         state = params.get("state", "").strip()
         if state and state not in STUDY_FILTER_STATES:
             raise QueryError(f"state={state!r}: use one of {', '.join(STUDY_FILTER_STATES)}")
-        query = cls(
+        return cls(
             uid=_uid_part(params.get("uid", "")),
             task=task,
             state=state,
-            date_from=_day(params.get("from", ""), "from"),
-            date_to=_day(params.get("to", ""), "to"),
-            page=_whole(params.get("page", ""), "page", 1, 1, 1_000_000),
-            size=_whole(params.get("size", ""), "size", default_size, 1, MAX_PAGE_SIZE),
+            **_dates_and_page(params, default_size),
         )
-        if query.date_from and query.date_to and query.date_to < query.date_from:
-            raise QueryError("to is before from: give the earlier date as from")
-        return query
 
     def filter(self) -> StudyFilter:
         return StudyFilter(
@@ -227,17 +234,11 @@ class ProblemQuery:
         kind = params.get("kind", "").strip()
         if kind and kind not in KIND_LABELS:
             raise QueryError(f"kind={kind!r}: use one of {', '.join(KIND_LABELS)}")
-        query = cls(
+        return cls(
             kind=kind,
             uid=_uid_part(params.get("uid", "")),
-            date_from=_day(params.get("from", ""), "from"),
-            date_to=_day(params.get("to", ""), "to"),
-            page=_whole(params.get("page", ""), "page", 1, 1, 1_000_000),
-            size=_whole(params.get("size", ""), "size", default_size, 1, MAX_PAGE_SIZE),
+            **_dates_and_page(params, default_size),
         )
-        if query.date_from and query.date_to and query.date_to < query.date_from:
-            raise QueryError("to is before from: give the earlier date as from")
-        return query
 
     def filter(self) -> ProblemFilter:
         recorded = self.kind if self.kind in RECORDED_KINDS else None
