@@ -113,15 +113,13 @@ def _is_uid(value: str) -> bool:
 
 def _dates_and_page(params: Mapping[str, str], default_size: int) -> dict[str, Any]:
     """The ``from``, ``to``, ``page`` and ``size`` parameters both views take, checked."""
-    found = {
-        "date_from": _day(params.get("from", ""), "from"),
-        "date_to": _day(params.get("to", ""), "to"),
-        "page": _whole(params.get("page", ""), "page", 1, 1, 1_000_000),
-        "size": _whole(params.get("size", ""), "size", default_size, 1, MAX_PAGE_SIZE),
-    }
-    if found["date_from"] and found["date_to"] and found["date_to"] < found["date_from"]:
+    date_from = _day(params.get("from", ""), "from")
+    date_to = _day(params.get("to", ""), "to")
+    page = _whole(params.get("page", ""), "page", 1, 1, 1_000_000)
+    size = _whole(params.get("size", ""), "size", default_size, 1, MAX_PAGE_SIZE)
+    if date_from and date_to and date_to < date_from:
         raise QueryError("to is before from: give the earlier date as from")
-    return found
+    return {"date_from": date_from, "date_to": date_to, "page": page, "size": size}
 
 
 def _day(value: str, name: str) -> dt.date | None:
