@@ -39,7 +39,7 @@ from dicom_node.domain import (
 from dicom_node.errors import EncodeError
 from dicom_node.models.codes import PRIVATE_SCHEME
 from dicom_node.tasks import Code, TaskSpec
-from dicom_node.wording import result_text
+from dicom_node.wording import percent_value, result_text
 
 __all__ = [
     "LATERALITY",
@@ -178,7 +178,7 @@ def not_applicable_score(item: NotApplicable) -> str | None:
 
     def figure(value: float) -> str:
         if probability:
-            return format(round(100.0 * float(value), 2), ".15g") + "%"
+            return format(percent_value(value), ".15g") + "%"
         return format(round(float(value), 2), ".15g")
 
     text = f"{name} {figure(item.score)}"

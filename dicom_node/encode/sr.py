@@ -101,6 +101,7 @@ from dicom_node.encode.common import (
 from dicom_node.errors import EncodeError
 from dicom_node.models.codes import PRIVATE_SCHEME, UNDETERMINED
 from dicom_node.tasks import Code, TaskSpec
+from dicom_node.wording import percent_value
 
 __all__ = ["build_structured_report"]
 
@@ -545,6 +546,16 @@ def _code_value(item: Dataset) -> str:
 def _box(source: Dataset, region: RegionOfInterest | None) -> hd.sr.ImageRegion:
     """The region the classifier read, on the source image, as a closed POLYLINE (the whole
     image when the bundle does not crop); clipped to the image."""
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=_corners(source, region),
+        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
+    )
+
+
+def _corners(source: Dataset, region: RegionOfInterest | None) -> np.ndarray:
+    """(column, row) corners of ``region`` clipped to the image, closed (the first repeated);
+    the image's own corners for no region, or for a region entirely outside it."""
     rows, columns = float(source.Rows), float(source.Columns)
     if region is None:
         top, left, bottom, right = 0.0, 0.0, rows, columns
@@ -555,11 +566,7 @@ def _box(source: Dataset, region: RegionOfInterest | None) -> hd.sr.ImageRegion:
         if bottom <= top or right <= left:  # entirely outside: say the whole image
             top, left, bottom, right = 0.0, 0.0, rows, columns
     corners = [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)]
-    return hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=np.array(corners, dtype=np.float64),
-        source_image=hd.sr.SourceImageForRegion.from_source_image(source),
-    )
+    return np.array(corners, dtype=np.float64)
 
 
 def _peak(source: Dataset, explanation: Explanation) -> hd.sr.ImageRegion:
@@ -693,17 +700,16 @@ def _percent(
 ) -> hd.sr.Measurement:
     coordinates = None
     if frame is not None:
-        box = _box(frame, None)
         coordinates = [
             hd.sr.CoordinatesForMeasurement(
                 graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                graphic_data=np.asarray(box.value, dtype=np.float64),
+                graphic_data=_corners(frame, None),
                 source_image=hd.sr.SourceImageForRegion.from_source_image(frame),
             )
         ]
     return hd.sr.Measurement(
         name=name,
-        value=round(100.0 * float(probability), 2),
+        value=percent_value(probability),
         unit=_PERCENT,
         referenced_coordinates=coordinates,
     )
