@@ -229,8 +229,9 @@ class StorageScp:
                 (evt.EVT_REJECTED, self._handle_rejected),
                 (evt.EVT_ACCEPTED, self._handle_accepted),
                 (evt.EVT_C_STORE, self._handle_store),
-                (evt.EVT_RELEASED, self._handle_ended),
-                (evt.EVT_ABORTED, self._handle_ended),
+                # Every end of a connection (released, aborted, or just closed), so that no
+                # entry of _refused_classes outlives its association.
+                (evt.EVT_CONN_CLOSE, self._handle_ended),
             ]
             gate = GateSettings(
                 pre_association_timeout=settings.pre_association_timeout_s,
